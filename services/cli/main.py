@@ -1,0 +1,14 @@
+"""`rlrt` entry point: imports every sub-command module (each registers on `app`)."""
+
+from __future__ import annotations
+
+from services.cli import config_cmd  # noqa: F401
+from services.cli.app import app
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
