@@ -1,0 +1,217 @@
+"""Local process launcher behind `rlrt demo` / `rlrt train`: one machine, every service a
+real OS process, the same data path (Redis Streams + gRPC) as compose/Kubernetes.
+
+It starts an embedded Redis when no `REDIS_URL` is set, writes the effective config into
+the run directory, spawns learner, verifier, teacher and N rollout workers, restarts a
+crashed worker (never the learner: its exit ends the run), shows a live view, and on
+Ctrl-C / SIGTERM stops everything (SIGTERM, then SIGKILL after a grace period).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from rlrt_core.config import RunConfig, dump_config
+
+SERVICES = ("rollout", "verifier", "teacher", "learner")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Child:
+    service: str
+    worker: str
+    cmd: list[str]
+    env: dict[str, str]
+    log_path: Path
+    proc: subprocess.Popen | None = None
+    restarts: int = 0
+    log_fh: Any = None
+
+    def start(self) -> None:
+        self.log_fh = open(self.log_path, "ab", buffering=0)
+        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=self.log_fh, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                return
+
+    def close(self) -> None:
+        if self.log_fh is not None:
+            self.log_fh.close()
+            self.log_fh = None
+
+
+@dataclass
+class LocalRun:
+    """Run every service locally for `cfg`; `run()` blocks until the learner finishes."""
+
+    cfg: RunConfig
+    config_path: Path | None = None
+    n_rollout: int = 1
+    restart_crashed: bool = True
+    extra_env: dict[str, str] = field(default_factory=dict)
+    children: list[Child] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.run_dir = Path(self.cfg.metrics.run_dir).resolve()
+        self._embedded = None
+        self._stopping = False
+
+    # -- set-up ------------------------------------------------------------------------
+    def _redis_url(self) -> str:
+        if self.cfg.transport.redis_url:
+            return self.cfg.transport.redis_url
+        from rlrt_core.transport.embedded import EmbeddedRedis
+
+        self._embedded = EmbeddedRedis(self.run_dir / "redis")
+        return self._embedded.start()
+
+    def prepare(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "logs").mkdir(exist_ok=True)
+        (self.run_dir / "services").mkdir(exist_ok=True)
+        redis_url = self._redis_url()
+        weights_port = self.cfg.transport.weights_port or free_port()
+        if self.cfg.transport.weights_port and _port_busy(self.cfg.transport.weights_host, weights_port):
+            weights_port = free_port()
+        cfg = self.cfg.model_copy(deep=True)
+        cfg.transport.redis_url = redis_url
+        cfg.transport.weights_port = weights_port
+        cfg.metrics.run_dir = str(self.run_dir)
+        self.cfg = cfg
+        cfg_file = self.run_dir / "config.yaml"
+        cfg_file.write_text(dump_config(cfg))
+        env = dict(os.environ)
+        # Children read everything from the effective config file; drop overrides that
+        # would fight it, keep the rest (e.g. RLRT_CACHE_DIR, HF_HUB_OFFLINE).
+        for k in list(env):
+            if k.startswith("RLRT__") or k == "REDIS_URL":
+                env.pop(k)
+        env.update(self.extra_env)
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        # Several torch processes share the cores: one thread each avoids oversubscription.
+        env.setdefault("OMP_NUM_THREADS", "1")
+        env["PYTHONUNBUFFERED"] = "1"
+        py = sys.executable
+        plan = [("learner", "learner-0"), ("verifier", "verifier-0"), ("teacher", "teacher-0")]
+        plan += [("rollout", f"rollout-{i}") for i in range(self.n_rollout)]
+        for service, worker in plan:
+            cmd = [py, "-m", "services.cli.main", "serve", service, "--config", str(cfg_file), "--worker", worker]
+            self.children.append(Child(service, worker, cmd, env, self.run_dir / "logs" / f"{worker}.log"))
+
+    # -- running -----------------------------------------------------------------------
+    def start(self) -> None:
+        if not self.children:
+            self.prepare()
+        for c in self.children:
+            c.start()
+
+    def learner(self) -> Child:
+        return next(c for c in self.children if c.service == "learner")
+
+    def supervise_once(self) -> None:
+        """Restart crashed workers (not the learner); called from the monitoring loop."""
+        for c in self.children:
+            if c.service == "learner" or c.alive() or self._stopping or not self.restart_crashed:
+                continue
+            if c.restarts >= 5:
+                continue
+            c.close()
+            c.restarts += 1
+            with open(c.log_path, "ab") as fh:
+                fh.write(f"\n[launcher] {c.worker} exited with {c.proc.returncode}; restart #{c.restarts}\n".encode())
+            c.start()
+
+    def wait(self, on_tick: Callable[["LocalRun"], None] | None = None, tick_s: float = 1.0,
+             timeout_s: float | None = None) -> int:
+        """Block until the learner exits (returns its exit code) or `timeout_s` passes."""
+        t0 = time.time()
+        learner = self.learner()
+        while learner.alive():
+            if timeout_s is not None and time.time() - t0 > timeout_s:
+                raise TimeoutError(f"run did not finish within {timeout_s:.0f}s; logs in {self.run_dir / 'logs'}")
+            self.supervise_once()
+            if on_tick is not None:
+                on_tick(self)
+            time.sleep(tick_s)
+        if on_tick is not None:
+            on_tick(self)
+        return int(learner.proc.returncode or 0)
+
+    def stop(self, grace_s: float = 20.0) -> None:
+        self._stopping = True
+        for c in self.children:
+            c.signal(signal.SIGTERM)
+        deadline = time.time() + grace_s
+        for c in self.children:
+            while c.alive() and time.time() < deadline:
+                time.sleep(0.1)
+            if c.alive():
+                c.signal(signal.SIGKILL)
+                c.proc.wait(timeout=10)
+            c.close()
+        if self._embedded is not None:
+            self._embedded.stop()
+            self._embedded = None
+
+    def __enter__(self) -> "LocalRun":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _port_busy(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.2)
+        return s.connect_ex((host, port)) == 0
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """All rows of `metrics.jsonl` (one per learner step); tolerant of a half-written last line."""
+    path = Path(run_dir) / "metrics.jsonl"
+    rows: list[dict[str, Any]] = []
+    if not path.is_file():
+        return rows
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def service_endpoints(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Service registration files written by each running service (admin port, pid, ...)."""
+    out = []
+    d = Path(run_dir) / "services"
+    for f in sorted(d.glob("*.json")) if d.is_dir() else []:
+        try:
+            out.append(json.loads(f.read_text()))
+        except (json.JSONDecodeError, OSError):
+            continue
+    return out
