@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from services.cli import config_cmd  # noqa: F401
+from services.cli import run_cmds  # noqa: F401
 from services.cli.app import app
 
 

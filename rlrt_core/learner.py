@@ -1,0 +1,267 @@
+"""The policy update: one learner step on a batch of scored rollout groups.
+
+Read top to bottom, a step is (paper Algorithm 1 + Table 5's DAPO-style surrogate):
+
+1. group advantages      A^(k) = (r_k - mean_g r) / (std_g r + eps)        (std only for RLSD/RLRT)
+2. π_old log-probs       log π_old(y_t | x, y<t) under the weights before this step
+3. token advantages      A_t = A · [(1-λ) + λ · clip(w_t, 1-ε_w, 1+ε_w)]   (eq. 7; w_t per method)
+4. PPO mini-batches      clip-higher surrogate × truncated IS min(π_old/π_behaviour, C), token-mean
+5. AdamW with warm-up, grad-clip; a non-finite loss or gradient skips the update (counted)
+
+The learner never sees Redis or gRPC: the service hands it `TrainGroup`s and publishes
+the weights it returns. Everything here also works as a library inside another trainer.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from rlrt_core import algorithms
+from rlrt_core.config import AlgorithmConfig, LearnerConfig
+from rlrt_core.scoring import score_tokens
+
+
+@dataclass
+class TrainSample:
+    """One completion of a group, as the learner needs it.
+
+    `student_logprobs`/`teacher_logprobs` come from the teacher scorer ([T] floats each)
+    and are None where the method does not reweight this rollout (weight 1)."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    behavior_logprobs: list[float]
+    reward: float
+    student_logprobs: list[float] | None = None
+    teacher_logprobs: list[float] | None = None
+
+
+@dataclass
+class TrainGroup:
+    """K completions of one prompt, generated with weight `version`."""
+
+    group_id: str
+    version: int
+    samples: list[TrainSample]
+
+
+@dataclass
+class StepResult:
+    metrics: dict[str, float]
+    skipped_updates: int
+    applied_updates: int
+
+
+def _pad(rows: Sequence[Sequence[float]], length: int, dtype: torch.dtype) -> torch.Tensor:
+    out = torch.zeros(len(rows), length, dtype=dtype)
+    for i, r in enumerate(rows):
+        if len(r):
+            out[i, : len(r)] = torch.as_tensor(list(r), dtype=dtype)
+    return out
+
+
+def make_optimizer(model: torch.nn.Module, cfg: LearnerConfig) -> torch.optim.Optimizer:
+    """AdamW; biases and norm weights get no weight decay (the usual LLM recipe)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=1e-8)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: LearnerConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over `warmup_steps` learner steps, then constant (Table 5)."""
+    warm = cfg.warmup_steps
+
+    def factor(step: int) -> float:
+        return min(1.0, (step + 1) / warm) if warm > 0 else 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class PolicyLearner:
+    """Holds the policy, its optimizer and scheduler; `step(groups)` is one learner step.
+
+    `step_index` counts completed learner steps (drives λ's schedule and warm-up);
+    the caller turns each step into a new weight version."""
+
+    def __init__(self, model: torch.nn.Module, learner_cfg: LearnerConfig, algo_cfg: AlgorithmConfig,
+                 *, temperature: float = 1.0, device: str | torch.device = "cpu") -> None:
+        self.model = model
+        self.cfg = learner_cfg
+        self.algo = algo_cfg
+        self.temperature = temperature
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        self.optimizer = make_optimizer(model, learner_cfg)
+        self.scheduler = make_scheduler(self.optimizer, learner_cfg)
+        self.step_index = 0
+        self.skipped_updates_total = 0
+
+    # -- state for checkpoints -------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {"step_index": self.step_index, "skipped_updates_total": self.skipped_updates_total}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.step_index = int(state.get("step_index", 0))
+        self.skipped_updates_total = int(state.get("skipped_updates_total", 0))
+
+    # -- pieces of a step --------------------------------------------------------------
+    def _logprobs(self, prompts: list[list[int]], responses: list[list[int]], length: int, *,
+                  grad: bool, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log-probs [b, length] (and entropy) of responses under the current weights."""
+        res = score_tokens(self.model, prompts, responses, temperature=self.temperature,
+                           with_entropy=with_entropy, grad=grad)
+        lp = res.logprobs.to(self.device)
+        ent = res.entropy.to(self.device) if res.entropy is not None else None
+        t = lp.shape[1]
+        if t < length:  # score_tokens pads to the micro-batch's longest response
+            lp = torch.nn.functional.pad(lp, (0, length - t))
+            ent = torch.nn.functional.pad(ent, (0, length - t)) if ent is not None else None
+        return lp[:, :length], (ent[:, :length] if ent is not None else None)
+
+    def _old_logprobs(self, prompts: list[list[int]], responses: list[list[int]], length: int) -> torch.Tensor:
+        mb = self.cfg.micro_batch_size
+        out = []
+        self.model.eval()
+        with torch.no_grad():
+            for i in range(0, len(prompts), mb):
+                lp, _ = self._logprobs(prompts[i:i + mb], responses[i:i + mb], length, grad=False)
+                out.append(lp)
+        return torch.cat(out, 0)
+
+    def step(self, groups: Sequence[TrainGroup]) -> StepResult:
+        """One learner step on `groups` (normally `groups_per_step` of them)."""
+        if not groups:
+            raise ValueError("step() needs at least one group")
+        t0 = time.perf_counter()
+        algo = self.algo
+        samples = [s for g in groups for s in g.samples]
+        for g in groups:
+            for s in g.samples:
+                if len(s.behavior_logprobs) != len(s.response_ids):
+                    raise ValueError(f"group {g.group_id}: behaviour log-probs ({len(s.behavior_logprobs)}) "
+                                     f"and response ids ({len(s.response_ids)}) differ in length")
+        B = len(samples)
+        T = max(1, max(len(s.response_ids) for s in samples))
+        prompts = [list(s.prompt_ids) for s in samples]
+        responses = [list(s.response_ids) for s in samples]
+        mask = _pad([[1.0] * len(s.response_ids) for s in samples], T, torch.float32).bool().to(self.device)
+        behavior = _pad([s.behavior_logprobs for s in samples], T, torch.float32).to(self.device)
+        rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32, device=self.device)
+
+        # 1. group advantages (eq. 2's A), per group so groups may differ in K
+        adv_rows = [algorithms.group_advantages(torch.tensor([[s.reward for s in g.samples]], dtype=torch.float32),
+                                                norm_by_std=algo.std_normalised, eps=algo.adv_eps)[0]
+                    for g in groups]
+        advantages = torch.cat(adv_rows).to(self.device)
+
+        # 2. π_old: the weights before this step (the behaviour policy may be older)
+        old_lp = self._old_logprobs(prompts, responses, T)
+
+        # 3. token advantages (eq. 7). Rollouts without teacher scores get D̂ = 0 (weight 1).
+        lam = algorithms.mixing_schedule(self.step_index, lam_init=algo.lam_init, decay_steps=algo.decay_steps)
+        if algo.method == "grpo":
+            student_lp, teacher_lp = behavior, None
+        else:
+            student_lp = _pad([s.student_logprobs or [0.0] * len(s.response_ids) for s in samples], T,
+                              torch.float32).to(self.device)
+            teacher_lp = _pad([s.teacher_logprobs or (s.student_logprobs or [0.0] * len(s.response_ids))
+                               for s in samples], T, torch.float32).to(self.device)
+        tok_adv = algorithms.token_advantages(algo.method, advantages, rewards, student_lp, teacher_lp, mask,
+                                              lam=lam, eps_w=algo.eps_w)
+
+        # 4. PPO mini-batches over groups; token-mean over each mini-batch's tokens
+        self.model.train()
+        group_index: list[list[int]] = []
+        start = 0
+        for g in groups:
+            group_index.append(list(range(start, start + len(g.samples))))
+            start += len(g.samples)
+        agg: dict[str, float] = {}
+        agg_max: dict[str, float] = {}
+        agg_tokens = 0.0
+        applied = skipped = 0
+        grad_norms: list[float] = []
+        mb_groups = self.cfg.mini_batch_groups
+        for _epoch in range(self.cfg.ppo_epochs):
+            for gs in range(0, len(groups), mb_groups):
+                rows = [i for gi in group_index[gs:gs + mb_groups] for i in gi]
+                n_tok = float(mask[rows].sum().item())
+                if n_tok == 0:
+                    continue
+                self.optimizer.zero_grad(set_to_none=True)
+                finite = True
+                for ms in range(0, len(rows), self.cfg.micro_batch_size):
+                    idx = rows[ms:ms + self.cfg.micro_batch_size]
+                    lp, ent = self._logprobs([prompts[i] for i in idx], [responses[i] for i in idx], T,
+                                             grad=True, with_entropy=algo.entropy_coef > 0)
+                    m = mask[idx]
+                    loss, met = algorithms.policy_loss(
+                        lp, old_lp[idx], tok_adv[idx], m, eps_low=algo.eps_low, eps_high=algo.eps_high,
+                        behavior_logprobs=behavior[idx], is_cap=algo.is_cap, dual_clip=algo.dual_clip,
+                        entropy=ent, entropy_coef=algo.entropy_coef)
+                    micro_tok = float(m.sum().item())
+                    if not torch.isfinite(loss):
+                        finite = False
+                        break
+                    (loss * (micro_tok / n_tok)).backward()
+                    for k, v in met.items():
+                        if k == "n_tokens" or not (isinstance(v, (int, float)) and math.isfinite(v)):
+                            continue
+                        if k.endswith("_max"):
+                            agg_max[k] = max(agg_max.get(k, float(v)), float(v))
+                        elif k.endswith("_min"):
+                            agg_max[k] = min(agg_max.get(k, float(v)), float(v))
+                        else:  # token-weighted mean over the step
+                            agg[k] = agg.get(k, 0.0) + float(v) * micro_tok
+                    agg_tokens += micro_tok
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+                if not finite or not torch.isfinite(grad_norm):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    skipped += 1
+                    continue
+                grad_norms.append(float(grad_norm))
+                self.optimizer.step()
+                applied += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.eval()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        self.step_index += 1
+        self.skipped_updates_total += skipped
+
+        metrics = {f"loss/{k}": v / agg_tokens for k, v in agg.items()} if agg_tokens else {}
+        metrics.update({f"loss/{k}": v for k, v in agg_max.items()})
+        lengths = torch.tensor([len(s.response_ids) for s in samples], dtype=torch.float32)
+        correct = rewards > 0.5
+        metrics.update({
+            "reward/mean": float(rewards.mean()),
+            "reward/std": float(rewards.std()) if B > 1 else 0.0,
+            "groups/mixed_fraction": float(sum(1 for g in groups if len({s.reward for s in g.samples}) > 1) / len(groups)),
+            "length/mean": float(lengths.mean()),
+            "length/max": float(lengths.max()),
+            "length/correct_mean": float(lengths[correct.cpu()].mean()) if bool(correct.any()) else 0.0,
+            "optim/lr": float(lr),
+            "optim/lambda": float(lam),
+            "optim/grad_norm": float(sum(grad_norms) / len(grad_norms)) if grad_norms else float("nan"),
+            "optim/applied_updates": float(applied),
+            "optim/skipped_updates": float(skipped),
+            "adv/abs_token_mean": float((tok_adv.abs() * mask).sum() / mask.sum().clamp(min=1)),
+            "tokens/trained": float(mask.sum()),
+            "time/step_s": time.perf_counter() - t0,
+        })
+        if teacher_lp is not None:
+            summary = algorithms.asymmetry_summary(algo.method, advantages, rewards, student_lp, teacher_lp, mask,
+                                                   lam=lam, eps_w=algo.eps_w)
+            metrics.update({f"rlrt/{k}": float(v) for k, v in summary.items()})
+        metrics["tokens/per_s"] = metrics["tokens/trained"] / max(metrics["time/step_s"], 1e-9)
+        return StepResult(metrics=metrics, skipped_updates=skipped, applied_updates=applied)

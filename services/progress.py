@@ -1,0 +1,187 @@
+"""What a person sees of a run: the live view, `rlrt status`, the end summary and curves.png."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+
+from services.launcher import read_metrics, service_endpoints
+
+
+def _get_status(ep: dict[str, Any], timeout: float = 1.0) -> dict[str, Any]:
+    url = f"http://{ep.get('host', '127.0.0.1')}:{ep['admin_port']}/status"
+    try:
+        r = httpx.get(url, timeout=timeout)
+        return r.json() if r.status_code == 200 else {"error": f"HTTP {r.status_code}"}
+    except (httpx.HTTPError, ValueError) as err:
+        return {"error": type(err).__name__}
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def collect_status(run_dir: str | Path) -> dict[str, Any]:
+    """Status of every registered (and still living) service plus the learner's last metrics row."""
+    services = []
+    for ep in service_endpoints(run_dir):
+        if not _pid_alive(ep.get("pid")):
+            continue
+        services.append({**ep, "status": _get_status(ep)})
+    rows = read_metrics(run_dir)
+    return {"run_dir": str(run_dir), "services": services, "last_step": rows[-1] if rows else None,
+            "steps": len(rows)}
+
+
+def _fmt(v: Any, nd: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def render_status(snap: dict[str, Any]) -> Group:
+    t = Table(title=f"services of {snap['run_dir']}")
+    for col in ("worker", "pid", "ready", "version", "processed", "detail"):
+        t.add_column(col)
+    queues: dict[str, Any] = {}
+    for s in snap["services"]:
+        st = s.get("status", {})
+        queues.update(st.get("queues", {}) or {})
+        detail = st.get("error") or ", ".join(f"{k}={_fmt(v)}" for k, v in (st.get("counters") or {}).items())
+        t.add_row(str(s.get("worker")), str(s.get("pid")), str(st.get("ready", "-")), _fmt(st.get("version")),
+                  _fmt(st.get("processed")), detail[:80])
+    parts: list[Any] = [t]
+    if queues:
+        q = Table(title="queues")
+        for col in ("stream", "length", "pending", "lag"):
+            q.add_column(col)
+        for name, info in sorted(queues.items()):
+            q.add_row(name, _fmt(info.get("length")), _fmt(info.get("pending")), _fmt(info.get("lag")))
+        parts.append(q)
+    last = snap.get("last_step")
+    if last:
+        m = Table(title=f"learner step {last.get('step')}")
+        m.add_column("metric")
+        m.add_column("value")
+        for k in ("version", "reward/mean", "length/mean", "staleness/mean", "rlrt/upweighted_frac",
+                  "tokens/per_s", "time/wait_data_s", "dropped_stale_total"):
+            if k in last:
+                m.add_row(k, _fmt(last[k]))
+        parts.append(m)
+    return Group(*parts)
+
+
+class LiveView:
+    """A one-line-per-step table refreshed while the run goes on."""
+
+    def __init__(self, run: Any, console: Console) -> None:
+        self.run = run
+        self.console = console
+        self._live: Live | None = None
+        self._learner_status: dict[str, Any] = {}
+        self._tick = 0
+
+    def __enter__(self) -> "LiveView":
+        self._live = Live(self._render(), console=self.console, refresh_per_second=2, transient=False)
+        self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live is not None:
+            self._live.__exit__(*exc)
+
+    def update(self, _run: Any) -> None:
+        self._tick += 1
+        if self._tick % 2 == 0:
+            for ep in service_endpoints(self.run.run_dir):
+                if ep.get("service") == "learner" and _pid_alive(ep.get("pid")):
+                    self._learner_status = _get_status(ep, timeout=0.5)
+        if self._live is not None:
+            self._live.update(self._render())
+
+    def _render(self) -> Group:
+        rows = read_metrics(self.run.run_dir)
+        t = Table(title="training", expand=False)
+        for col in ("step", "version", "reward", "length", "up-weighted", "staleness", "tokens/s", "wait s"):
+            t.add_column(col, justify="right")
+        for r in rows[-12:]:
+            t.add_row(_fmt(r.get("step")), _fmt(r.get("version")), _fmt(r.get("reward/mean")),
+                      _fmt(r.get("length/mean"), 1), _fmt(r.get("rlrt/upweighted_frac")),
+                      _fmt(r.get("staleness/mean"), 2), _fmt(r.get("tokens/per_s"), 0), _fmt(r.get("time/wait_data_s"), 1))
+        st = self._learner_status
+        queues = st.get("queues") or {}
+        qline = "  ".join(f"{name}: {info.get('length', '-')}/{info.get('pending', '-')}" for name, info in sorted(queues.items()))
+        alive = ", ".join(f"{c.worker}{'' if c.alive() else ' (down)'}" for c in self.run.children)
+        target = self.run.cfg.learner.total_steps
+        head = Table.grid()
+        head.add_row(f"step {len(rows)}/{target}   version {st.get('version', '-')}   in flight "
+                     f"{st.get('in_flight', '-')}   queues (length/pending) {qline or '-'}")
+        head.add_row(f"processes: {alive}")
+        return Group(head, t)
+
+
+def write_summary(run_dir: str | Path, console: Console | None = None, *, wall_s: float | None = None) -> Path | None:
+    """Print a summary table of the run and write `curves.png` (reward, length, up-weighted
+    fraction per step). Returns the PNG path, or None when there is nothing to plot."""
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir)
+    console = console or Console()
+    if not rows:
+        console.print(f"[yellow]no learner steps recorded in {run_dir}[/yellow]")
+        return None
+    first, last = rows[0], rows[-1]
+    k = max(1, min(5, len(rows) // 3))
+    head = sum(r.get("reward/mean", 0.0) for r in rows[:k]) / k
+    tail = sum(r.get("reward/mean", 0.0) for r in rows[-k:]) / k
+    t = Table(title=f"summary of {run_dir}")
+    t.add_column("")
+    t.add_column("value", justify="right")
+    t.add_row("steps", str(len(rows)))
+    t.add_row("final version", _fmt(last.get("version")))
+    t.add_row(f"reward, first {k} steps", _fmt(head))
+    t.add_row(f"reward, last {k} steps", _fmt(tail))
+    t.add_row("response length first → last", f"{_fmt(first.get('length/mean'), 1)} → {_fmt(last.get('length/mean'), 1)}")
+    t.add_row("dropped stale groups", _fmt(last.get("dropped_stale_total")))
+    t.add_row("skipped non-finite updates", _fmt(last.get("skipped_updates_total")))
+    if wall_s is not None:
+        t.add_row("wall time", f"{wall_s:.0f} s")
+    console.print(t)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r.get("step") for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    series = [("reward/mean", "training reward"), ("length/mean", "response length (tokens)"),
+              ("rlrt/upweighted_frac", "up-weighted fraction (correct rollouts)")]
+    for ax, (key, title) in zip(axes, series):
+        ys = [r.get(key) for r in rows]
+        pts = [(s, y) for s, y in zip(steps, ys) if y is not None]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3)
+        ax.set_title(title)
+        ax.set_xlabel("learner step")
+        ax.grid(alpha=0.3)
+    method = last.get("method", "")
+    fig.suptitle(f"rlrt {method} — {run_dir.name}")
+    fig.tight_layout()
+    out = run_dir / "curves.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    console.print(f"curves: {out}")
+    return out

@@ -1,0 +1,1 @@
+"""The teacher service (entry point: `rlrt serve teacher --config FILE` or `python -m services.teacher`)."""

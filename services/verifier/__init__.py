@@ -1,0 +1,1 @@
+"""The verifier service (entry point: `rlrt serve verifier --config FILE` or `python -m services.verifier`)."""
