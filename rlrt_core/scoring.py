@@ -1,0 +1,204 @@
+"""Log-probabilities of given response tokens under a prompt, computed in chunks.
+
+A naive scorer materialises `log_softmax(logits)` as a `[B, T, V]` float32 tensor (16 x 1024 x 49152
+x 4 B = 3.2 GB for SmolLM2's vocabulary, twice that with the logits). Here the transformer body runs
+once, the hidden states of the scored positions only (response tokens, no padding, no prompt) are
+gathered into `[N, H]`, and `lm_head` + `logsumexp` run over `chunk_size` rows at a time:
+
+    log p(y_t) = logit[y_t] / tau - logsumexp(logits / tau)
+
+The same pass yields per-token entropy and top-k log-prob rows (for D̄_t = KL(P_S || P_T) and SDPO).
+With `grad=True` (the learner) each chunk runs under `torch.utils.checkpoint`, so backward
+recomputes one chunk's logits at a time and peak memory stays `chunk_size x V`, not `N x V`.
+
+Layout: sequence i is `prompt_ids[i] + response_ids[i]`, right-padded; position ids are the natural
+0..L-1 of each row, so prompts of different lengths need no special handling, and no real token
+ever attends to padding (it only lies after it under the causal mask). Results are right-padded
+`[B, T]` with T the longest response, 0 (and mask False) at padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class ScoreResult:
+    """Per-token scores of right-padded responses.
+
+    logprobs: [B, T] float32, log p(y_t | prompt, y<t) at the given temperature, 0 at padding.
+    mask: [B, T] bool, True at real response tokens.
+    entropy: [B, T] float32 entropy of the full next-token distribution (0 at padding), or None.
+    topk_ids: [B, T, k] int64 ids of the k most likely next tokens, or None.
+    topk_logprobs: [B, T, k] float32 their log-probs (full-vocabulary normalisation), or None.
+    """
+
+    logprobs: Tensor
+    mask: Tensor
+    entropy: Tensor | None = None
+    topk_ids: Tensor | None = None
+    topk_logprobs: Tensor | None = None
+
+
+def _head_and_body(model: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
+    head = model.get_output_embeddings()
+    body = getattr(model, "base_model", None)
+    if head is None or body is None or body is model:
+        raise ValueError(
+            f"{type(model).__name__} is not a causal LM with a separate body and lm_head; cannot score in chunks"
+        )
+    return head, body
+
+
+def _check_ids(name: str, rows: Sequence[Sequence[int]], vocab: int) -> None:
+    for i, row in enumerate(rows):
+        if not isinstance(row, (list, tuple)):
+            raise ValueError(f"{name}[{i}] must be a list of token ids, got {type(row).__name__}")
+        if row:
+            lo, hi = min(row), max(row)
+            if lo < 0 or hi >= vocab:
+                raise ValueError(f"{name}[{i}] holds token id {lo if lo < 0 else hi} outside the vocabulary [0, {vocab})")
+
+
+def _validate(model: Any, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
+              temperature: float, topk: int, chunk_size: int) -> None:
+    if len(prompt_ids) == 0:
+        raise ValueError("score_tokens: empty batch (no prompts)")
+    if len(prompt_ids) != len(response_ids):
+        raise ValueError(
+            f"score_tokens: {len(prompt_ids)} prompts but {len(response_ids)} responses; need one response per prompt"
+        )
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if not 0 <= topk <= vocab:
+        raise ValueError(f"topk must be in [0, {vocab}], got {topk}")
+    _check_ids("prompt_ids", prompt_ids, vocab)
+    _check_ids("response_ids", response_ids, vocab)
+    max_len = getattr(model.config, "max_position_embeddings", None)
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        if len(p) == 0:
+            raise ValueError(f"prompt_ids[{i}] is empty; the first response token needs a preceding token")
+        if max_len is not None and len(p) + len(r) > max_len:
+            raise ValueError(
+                f"sequence {i} has {len(p)} prompt + {len(r)} response tokens, more than the model's context "
+                f"of {max_len}"
+            )
+
+
+def _chunk_scores(head: torch.nn.Module, softcap: float | None, temperature: float, with_entropy: bool,
+                  topk: int, h: Tensor, y: Tensor) -> tuple[Tensor, ...]:
+    """Scores of one chunk. h: [n, H] hidden states, y: [n] target ids -> (logprob [n], entropy [n]?,
+    topk ids [n, k]?, topk logprobs [n, k]?). Only this function ever holds an [n, V] tensor."""
+    logits = head(h).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    if temperature != 1.0:
+        logits = logits / temperature
+    lse = torch.logsumexp(logits, dim=-1)  # [n]
+    out: list[Tensor] = [logits.gather(-1, y[:, None]).squeeze(-1) - lse]
+    if with_entropy:
+        probs = torch.softmax(logits, dim=-1)
+        out.append(lse - (probs * logits).sum(-1))  # H = logsumexp - E_p[logit]
+    if topk:
+        vals, ids = logits.topk(topk, dim=-1)
+        out.extend([ids, vals - lse[:, None]])
+    return tuple(out)
+
+
+def score_tokens(model: Any, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]], *,
+                 temperature: float = 1.0, with_entropy: bool = False, topk: int = 0, chunk_size: int = 256,
+                 grad: bool = False) -> ScoreResult:
+    """Log-probs of `response_ids[i]` following `prompt_ids[i]`, chunked over scored positions.
+
+    prompt_ids: B lists of ids (any lengths >= 1); response_ids: B lists (may be empty).
+    temperature: logits are divided by it (behaviour log-probs are at the sampling temperature).
+    with_entropy: also return the per-token entropy [B, T].
+    topk: also return the k most likely ids and their log-probs [B, T, k] (0 = off).
+    chunk_size: scored token positions (over the whole batch) per lm_head chunk; peak extra memory
+        is about 2-3 x chunk_size x V x 4 bytes.
+    grad: keep autograd (learner); each chunk is checkpointed so backward also stays chunked.
+    Returns a ScoreResult of right-padded [B, T] tensors on the model's device (T = longest response).
+    """
+    _validate(model, prompt_ids, response_ids, temperature, topk, chunk_size)
+    head, body = _head_and_body(model)
+    device = model.get_output_embeddings().weight.device
+    B = len(prompt_ids)
+    resp_lens = [len(r) for r in response_ids]
+    T = max(resp_lens)
+    mask = torch.zeros(B, T, dtype=torch.bool, device=device)
+    for i, n in enumerate(resp_lens):
+        mask[i, :n] = True
+
+    def empty(*shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
+        return torch.zeros(B, T, *shape, dtype=dtype, device=device)
+
+    if T == 0:
+        return ScoreResult(empty(), mask, empty() if with_entropy else None,
+                           empty(topk, dtype=torch.long) if topk else None, empty(topk) if topk else None)
+
+    seqs = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids)]
+    L = max(len(s) for s in seqs)
+    pad = getattr(model.config, "pad_token_id", None)
+    pad = 0 if pad is None or isinstance(pad, list) else int(pad)
+    input_ids = torch.full((B, L), pad, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        input_ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    # Scored positions, row-major (the order of mask's True entries): logits at position
+    # len(p)-1+j predict response token j.
+    rows = torch.cat([torch.full((n,), i, dtype=torch.long) for i, n in enumerate(resp_lens)])
+    cols = torch.cat([torch.arange(n, dtype=torch.long) + len(p) - 1 for p, n in zip(prompt_ids, resp_lens)])
+    targets = torch.cat([torch.tensor(list(r), dtype=torch.long) for r in response_ids if r]).to(device)
+
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    n_out = 1 + int(with_entropy) + (2 if topk else 0)
+    with torch.set_grad_enabled(grad):
+        # No attention mask needed: right padding only follows real tokens under the causal mask.
+        hidden = body(input_ids=input_ids.to(device), use_cache=False).last_hidden_state  # [B, L, H]
+        h = hidden[rows.to(device), cols.to(device)]  # [N, H]
+        del hidden
+        parts: list[list[Tensor]] = [[] for _ in range(n_out)]
+        for s in range(0, h.shape[0], chunk_size):
+            args = (head, softcap, temperature, with_entropy, topk, h[s : s + chunk_size], targets[s : s + chunk_size])
+            res = checkpoint(_chunk_scores, *args, use_reentrant=False) if grad else _chunk_scores(*args)
+            for acc, t in zip(parts, res):
+                acc.append(t)
+        flat = [torch.cat(p) for p in parts]
+
+        def scatter(values: Tensor, *shape: int) -> Tensor:
+            out = empty(*shape, dtype=values.dtype)
+            out[mask] = values
+            return out
+
+        it = iter(flat)
+        logprobs = scatter(next(it))
+        entropy = scatter(next(it)) if with_entropy else None
+        topk_ids = scatter(next(it), topk) if topk else None
+        topk_lp = scatter(next(it), topk) if topk else None
+    return ScoreResult(logprobs, mask, entropy, topk_ids, topk_lp)
+
+
+def score_views(model: Any, student_prompt_ids: Sequence[Sequence[int]], teacher_prompt_ids: Sequence[Sequence[int]],
+                response_ids: Sequence[Sequence[int]], *, temperature: float = 1.0, topk: int = 0,
+                chunk_size: int = 256, with_entropy: bool = False) -> tuple[ScoreResult, ScoreResult]:
+    """(student, teacher) scores of the same responses under both prompts, without gradients.
+
+    Student view P_S = pi(. | x, y<t), teacher view P_T = pi(. | x, c, y<t); both [B, T] with the
+    same mask. The two views run as two passes so the shorter student prompts are not padded to
+    the teacher's length.
+    """
+    if len(student_prompt_ids) != len(teacher_prompt_ids):
+        raise ValueError(
+            f"score_views: {len(student_prompt_ids)} student prompts but {len(teacher_prompt_ids)} teacher prompts"
+        )
+    kw = dict(temperature=temperature, with_entropy=with_entropy, topk=topk, chunk_size=chunk_size, grad=False)
+    student = score_tokens(model, student_prompt_ids, response_ids, **kw)
+    teacher = score_tokens(model, teacher_prompt_ids, response_ids, **kw)
+    return student, teacher
