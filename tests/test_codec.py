@@ -1,0 +1,134 @@
+"""Codec: tensors, stage helpers and validation of trajectory messages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from rlrt_core.proto import trajectory_pb2 as pb
+from rlrt_core.transport import codec
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32,
+                                   torch.uint8, torch.bool, torch.float64])
+def test_tensor_round_trip(dtype: torch.dtype) -> None:
+    t = (torch.randn(3, 5) * 10).to(dtype)
+    back = codec.tensor_from_proto(pb.Tensor.FromString(codec.tensor_to_proto(t).SerializeToString()))
+    assert back.dtype == dtype and back.shape == t.shape and torch.equal(back, t)
+    back.add_(1) if dtype != torch.bool else back.logical_not_()  # writable, own memory
+
+
+def test_tensor_edge_shapes() -> None:
+    for t in (torch.tensor(3.5), torch.zeros(0, 4), torch.arange(6).reshape(2, 3).t()):  # scalar, empty, non-contiguous
+        back = codec.tensor_from_proto(codec.tensor_to_proto(t))
+        assert back.shape == t.shape and torch.equal(back, t)
+
+
+def test_tensor_bad_input_names_problem() -> None:
+    with pytest.raises(codec.MalformedMessage, match="needs 24 bytes"):
+        codec.tensor_from_proto(pb.Tensor(dtype="F32", shape=[2, 3], data=bytes(20)))
+    with pytest.raises(codec.MalformedMessage, match="unknown tensor dtype"):
+        codec.tensor_from_proto(pb.Tensor(dtype="Q4", shape=[1], data=bytes(1)))
+
+
+# The dataclasses of rlrt_core.engines / reward / data are read by attribute; these mirror
+# the agreed interfaces (docs in notes/interfaces.md) so this test does not depend on them.
+@dataclass
+class _Completion:
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+    text: str
+
+
+@dataclass
+class _Generation:
+    prompt_ids: list[int]
+    completions: list[_Completion]
+    version: int
+
+
+@dataclass
+class _Verify:
+    reward: float
+    extracted: str | None
+    reason: str | None
+    timed_out: bool
+
+
+def _pipeline_group() -> pb.RolloutGroup:
+    task = codec.prompt_task("g1", "run", {"id": "p1", "prompt": "2+3=", "answer": "5", "solution": None},
+                             n_samples=3, min_version=4, dispatched_at=10.0)
+    gen = _Generation(prompt_ids=[1, 2, 3], version=5, completions=[
+        _Completion([7, 8, 9], [-0.1, -0.2, -0.3], "stop", "5"),
+        _Completion([7], [-1.5], "stop", "6"),
+        _Completion([7, 8], [-0.5, -0.25], "length", "55"),
+    ])
+    g = codec.rollout_group(task, gen, engine="torch", worker_id="w0", generation_s=1.5)
+    codec.set_verifier_results(g, [_Verify(1.0, "5", None, False), _Verify(0.0, "6", "wrong", False),
+                                   _Verify(0.0, None, "timeout", True)])
+    student = torch.tensor([[-0.1, -0.2, -0.3], [-1.5, 0.0, 0.0], [-0.5, -0.25, 0.0]])
+    teacher = student - 0.5
+    kl = torch.rand(3, 3)
+    topk_ids = torch.randint(0, 100, (3, 3, 2))
+    codec.set_teacher_scores(g, student, teacher, teacher_version=5, context_kinds=["solution", "peer", "none"],
+                             peer_indices=[-1, 0, -1], position_kl=kl, teacher_topk=(topk_ids, torch.randn(3, 3, 2)))
+    return g
+
+
+def test_stage_helpers_and_group_tensors() -> None:
+    g = codec.decode(codec.encode(_pipeline_group()), pb.RolloutGroup)
+    assert g.problem.answer == "5" and not g.problem.HasField("solution")
+    assert g.version == 5 and g.min_version == 4 and g.timestamps.dispatched_at == 10.0
+    assert g.verifier_results[2].timed_out and not g.verifier_results[0].HasField("reason")
+    assert g.teacher_scores[1].context_kind == pb.CONTEXT_KIND_PEER and g.teacher_scores[1].peer_index == 0
+    assert list(g.teacher_scores[1].teacher_logprobs) == [pytest.approx(-2.0)]
+    assert codec.tensor_from_proto(g.teacher_scores[0].teacher_topk_ids).shape == (3, 2)
+    t = codec.group_tensors(g)
+    assert t.response_ids.tolist() == [[7, 8, 9], [7, 0, 0], [7, 8, 0]]
+    assert t.mask.sum(1).tolist() == [3, 1, 2]
+    assert t.rewards.tolist() == [1.0, 0.0, 0.0]
+    assert torch.allclose(t.teacher_logprobs, (t.student_logprobs - 0.5) * t.mask)
+    assert torch.allclose(t.behavior_logprobs[0], torch.tensor([-0.1, -0.2, -0.3]))
+    assert t.context_kinds == ["solution", "peer", "none"]
+
+
+def test_rollout_group_refuses_stale_engine() -> None:
+    task = codec.prompt_task("g", "run", {"id": "p", "prompt": "q", "answer": "a"}, n_samples=1, min_version=3)
+    with pytest.raises(ValueError, match="min_version 3"):
+        codec.rollout_group(task, _Generation([1], [_Completion([2], [-1.0], "stop", "x")], version=2),
+                            engine="torch", worker_id="w")
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda g: setattr(g, "group_id", ""), "empty group_id"),
+    (lambda g: g.completions[0].logprobs.append(-1.0), "4 log-probs for 3 tokens"),
+    (lambda g: g.verifier_results.pop(), "2 verifier_results for 3 completions"),
+    (lambda g: g.teacher_scores[0].student_logprobs.pop(), "teacher score 0"),
+])
+def test_validation_names_the_problem(mutate, match) -> None:
+    g = _pipeline_group()
+    mutate(g)
+    with pytest.raises(codec.MalformedMessage, match=match):
+        codec.decode(g.SerializeToString(), pb.RolloutGroup)
+
+
+def test_undecodable_bytes() -> None:
+    with pytest.raises(codec.MalformedMessage, match="cannot decode rlrt.v1.RolloutGroup"):
+        codec.decode(b"\xff\xff\xff\xff not a protobuf", pb.RolloutGroup)
+    with pytest.raises(codec.MalformedMessage, match="no 'data' field"):
+        codec.decode(None, pb.PromptTask)
+
+
+def test_version_hasher_depends_on_every_part() -> None:
+    def digest(name="w", dtype="F32", shape=(2,), data=bytes(8)) -> str:
+        h = codec.VersionHasher()
+        h.begin_tensor(name, dtype, shape, len(data))
+        h.update(data)
+        return h.hexdigest()
+
+    base = digest()
+    assert base == digest()
+    assert len({base, digest(name="v"), digest(dtype="I32"), digest(shape=(1, 2)), digest(data=b"\x01" + bytes(7))}) == 5
