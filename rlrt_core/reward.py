@@ -19,6 +19,7 @@ reward 0 and is counted; it never hangs the caller.
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -276,8 +277,21 @@ def math_reward(completion: str, reference_answer: str, *, mode: Mode = "boxed")
 
 # --------------------------------------------------------------------------- worker pool
 
+# Parent <-> worker messages are JSON bytes (plain strings and numbers, no pickle):
+#   parent -> worker: {"mode": m, "tasks": [[task_id, completion, answer], ...]} or null to stop
+#   worker -> parent: ["ready", pid] once, then one [task_id, reward, extracted, reason, outcome]
+#   per task, in order, as soon as it is done (so the parent times each task separately).
+
+def _send(conn: Connection, obj: Any) -> None:
+    conn.send_bytes(json.dumps(obj).encode("utf-8"))
+
+
+def _recv(conn: Connection) -> Any:
+    return json.loads(conn.recv_bytes().decode("utf-8"))
+
+
 def _worker_main(conn: Connection, memory_limit_mb: int | None) -> None:
-    """Pool worker: answer (task_id, completion, answer, mode) messages until EOF/None."""
+    """Pool worker: check the tasks of each message, one reply per task, until EOF/null."""
     if memory_limit_mb:
         import resource
 
@@ -289,22 +303,22 @@ def _worker_main(conn: Connection, memory_limit_mb: int | None) -> None:
     # Timeouts are the parent's job here; silence math-verify's "timeout disabled" notice.
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     _check("\\boxed{\\frac{1}{2}}", "0.5", "boxed", None)  # warm sympy's caches
-    conn.send(("ready", os.getpid()))
+    _send(conn, ["ready", os.getpid()])
     while True:
         try:
-            msg = conn.recv()
+            msg = _recv(conn)
         except (EOFError, OSError):
             return
         if msg is None:
             return
-        task_id, completion, answer, mode = msg
-        try:
-            res = _check(completion, answer, mode, None)
-        except MemoryError:
-            res = VerifyResult(0.0, None, "memory limit exceeded", False, "error")
-        except Exception as err:  # a bug or a sympy crash must not kill the worker
-            res = VerifyResult(0.0, None, f"checker error: {type(err).__name__}: {err}"[:300], False, "error")
-        conn.send((task_id, res.reward, res.extracted, res.reason, res.timed_out, res.outcome))
+        for task_id, completion, answer in msg["tasks"]:
+            try:
+                res = _check(completion, answer, msg["mode"], None)
+            except MemoryError:
+                res = VerifyResult(0.0, None, "memory limit exceeded", False, "error")
+            except Exception as err:  # a bug or a sympy crash must not kill the worker
+                res = VerifyResult(0.0, None, f"checker error: {type(err).__name__}: {err}"[:300], False, "error")
+            _send(conn, [task_id, res.reward, res.extracted, res.reason, res.outcome])
 
 
 class _Worker:
@@ -315,8 +329,8 @@ class _Worker:
         self.proc.start()
         child.close()
         self.ready = False
-        self.task: int | None = None
-        self.deadline = 0.0
+        self.tasks: deque[int] = deque()  # sent, not yet answered, in the order the worker runs them
+        self.deadline = 0.0  # when the task at the head of `tasks` runs out of time
         self.started = time.monotonic()
 
     def kill(self) -> None:
@@ -334,7 +348,7 @@ def _shutdown(workers: list[_Worker]) -> None:
     for w in workers:
         try:
             if w.proc.is_alive():
-                w.conn.send(None)
+                _send(w.conn, None)
         except (OSError, ValueError):
             logger.debug("worker pipe already closed", exc_info=True)
     for w in workers:
@@ -354,22 +368,27 @@ class Verifier:
     memory_limit_mb: address-space limit of each worker (RLIMIT_AS), None for no limit.
     start_method: multiprocessing start method; "forkserver" forks workers from a clean
     server that has imported sympy once, so a replacement is ready in milliseconds.
+    max_chunk: most tasks queued on one worker at a time (fewer round trips; each task
+    is still timed on its own).
     """
 
     def __init__(self, mode: Mode = "boxed", timeout_s: float = 5.0, workers: int = 2, *,
                  memory_limit_mb: int | None = 4096, start_method: str = "forkserver",
-                 startup_timeout_s: float = 120.0) -> None:
+                 startup_timeout_s: float = 120.0, max_chunk: int = 32) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown extraction mode {mode!r}; expected one of {MODES}")
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
+        if max_chunk < 1:
+            raise ValueError(f"max_chunk must be >= 1, got {max_chunk}")
         self.mode = mode
         self.timeout_s = float(timeout_s)
         self.num_workers = workers
         self.memory_limit_mb = memory_limit_mb
         self.startup_timeout_s = startup_timeout_s
+        self.max_chunk = max_chunk
         self._ctx = mp.get_context(start_method)
         if start_method == "forkserver":
             self._ctx.set_forkserver_preload(["rlrt_core.reward"])
@@ -414,64 +433,83 @@ class Verifier:
             raise ValueError(f"unknown extraction mode {mode!r}; expected one of {MODES}")
         if self.closed:
             raise RuntimeError("Verifier is closed")
-        with self._lock:
-            results = self._run(list(completions), list(answers), mode)
-        self.counters.update(r.outcome for r in results)
-        return results
-
-    def _run(self, completions: list[Any], answers: list[Any], mode: str) -> list[VerifyResult]:
         results: list[VerifyResult | None] = [None] * len(completions)
-        todo = deque(range(len(completions)))
-        while todo or any(w.task is not None for w in self._workers):
+        todo: deque[int] = deque()
+        for i, (c, a) in enumerate(zip(completions, answers)):
+            if isinstance(c, str) and isinstance(a, str):
+                todo.append(i)
+            else:  # type errors are answered here: only strings cross the pipe
+                results[i] = _check(c, a, mode, None)
+        with self._lock:
+            self._run(list(completions), list(answers), mode, todo, results)
+        out = [r for r in results if r is not None]
+        self.counters.update(r.outcome for r in out)
+        return out
+
+    def _run(self, completions: list[str], answers: list[str], mode: str, todo: deque[int],
+             results: list[VerifyResult | None]) -> None:
+        while todo or any(w.tasks for w in self._workers):
             now = time.monotonic()
-            for w in list(self._workers):
-                if w.ready and w.task is None and todo:
-                    i = todo.popleft()
-                    try:
-                        w.conn.send((i, completions[i], answers[i], mode))
-                    except (OSError, ValueError):
-                        todo.appendleft(i)
-                        self._replace(w)
-                        continue
-                    w.task, w.deadline = i, now + self.timeout_s
-            busy_deadlines = [w.deadline for w in self._workers if w.task is not None]
-            starting = [w.started + self.startup_timeout_s for w in self._workers if not w.ready]
-            next_deadline = min(busy_deadlines + starting, default=now + self.timeout_s)
+            idle = [w for w in self._workers if w.ready and not w.tasks]
+            for j, w in enumerate(idle):
+                if not todo:
+                    break
+                # Split what is left evenly over the idle workers, at most max_chunk each.
+                size = min(self.max_chunk, -(-len(todo) // (len(idle) - j)))
+                chunk = [todo.popleft() for _ in range(min(size, len(todo)))]
+                try:
+                    _send(w.conn, {"mode": mode, "tasks": [[i, completions[i], answers[i]] for i in chunk]})
+                except (OSError, ValueError):
+                    todo.extendleft(reversed(chunk))
+                    self._replace(w)
+                    continue
+                w.tasks.extend(chunk)
+                w.deadline = now + self.timeout_s
+            waits = [w.deadline for w in self._workers if w.tasks]
+            waits += [w.started + self.startup_timeout_s for w in self._workers if not w.ready]
+            next_deadline = min(waits, default=now + self.timeout_s)
             ready = wait([w.conn for w in self._workers], timeout=max(0.0, next_deadline - now))
             by_conn = {id(w.conn): w for w in self._workers}
             for conn in ready:
                 w = by_conn[id(conn)]
                 try:
-                    msg = w.conn.recv()
+                    while True:  # drain every reply already queued on this pipe
+                        msg = _recv(w.conn)
+                        if msg[0] == "ready":
+                            w.ready = True
+                        else:
+                            task_id, reward, extracted, reason, outcome = msg
+                            if not w.tasks or w.tasks[0] != task_id:
+                                raise RuntimeError(f"verifier worker answered task {task_id} out of order")
+                            w.tasks.popleft()
+                            results[task_id] = VerifyResult(reward, extracted, reason, False, outcome)
+                            w.deadline = time.monotonic() + self.timeout_s
+                        if not w.conn.poll():
+                            break
                 except (EOFError, OSError):
                     code = w.proc.exitcode
-                    if w.task is not None:
-                        results[w.task] = VerifyResult(0.0, None, f"verifier worker died (exit code {code})",
-                                                       False, "error")
-                        w.task = None
-                    elif not w.ready:
+                    if not w.ready:
                         raise RuntimeError(
                             f"verifier worker failed to start (exit code {code}); a script that creates a "
                             "Verifier at import time needs an `if __name__ == '__main__':` guard") from None
+                    if w.tasks:  # the task it was running killed it; the rest are retried
+                        results[w.tasks[0]] = VerifyResult(0.0, _safe_extract(completions[w.tasks[0]], mode),
+                                                           f"verifier worker died (exit code {code})", False,
+                                                           "error")
+                        w.tasks.popleft()
+                        todo.extendleft(reversed(w.tasks))
                     self._replace(w)
-                    continue
-                if msg[0] == "ready":
-                    w.ready = True
-                    continue
-                task_id, reward, extracted, reason, timed_out, outcome = msg
-                results[task_id] = VerifyResult(reward, extracted, reason, timed_out, outcome)
-                w.task = None
             now = time.monotonic()
             for w in list(self._workers):
-                if w.task is not None and now >= w.deadline:
+                if w.tasks and now >= w.deadline:
+                    head = w.tasks.popleft()
                     # Our extraction is a linear scan: safe to redo here for the report.
-                    results[w.task] = VerifyResult(0.0, _safe_extract(completions[w.task], mode),
-                                                   f"timeout after {self.timeout_s:g} s", True)
-                    w.task = None
+                    results[head] = VerifyResult(0.0, _safe_extract(completions[head], mode),
+                                                 f"timeout after {self.timeout_s:g} s", True)
+                    todo.extendleft(reversed(w.tasks))
                     self._replace(w)
                 elif not w.ready and now >= w.started + self.startup_timeout_s:
                     raise RuntimeError(f"verifier worker did not start within {self.startup_timeout_s:g} s")
-        return [r for r in results if r is not None]
 
 
 def score_group(verifier: Verifier, completions: Sequence[str], answer: str) -> list[VerifyResult]:
