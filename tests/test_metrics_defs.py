@@ -175,13 +175,26 @@ def test_bad_input_named():
 def test_bus_stats_and_build_info():
     m = M.service_metrics("learner", run="r", worker="w")
     m.set_bus_stats("rollouts", length=10, pending=2, lag=5)
-    m.set_bus_stats("rollouts", dead_letter=1)
     fams = _families(m.exposition().decode())
-    got = {name: [s.value for s in fams[name] if s.labels.get("stream") == "rollouts"]
-           for name in ("rlrt_bus_stream_length_messages", "rlrt_bus_pending_messages", "rlrt_bus_lag_messages",
-                        "rlrt_bus_dead_letter_messages")}
-    assert got == {"rlrt_bus_stream_length_messages": [10.0], "rlrt_bus_pending_messages": [2.0],
-                   "rlrt_bus_lag_messages": [5.0], "rlrt_bus_dead_letter_messages": [1.0]}
+
+    def by_stream(name: str) -> dict[str, float]:
+        return {s.labels["stream"]: s.value for s in fams[name]}
+
+    assert by_stream("rlrt_bus_stream_length_messages") == {"rollouts": 10.0}
+    assert by_stream("rlrt_bus_pending_messages") == {"rollouts": 2.0}
+    assert by_stream("rlrt_bus_lag_messages") == {"rollouts": 5.0}
+    # the shape StreamBus.stats() returns
+    m.observe_bus_stats({
+        "prompts": {"key": "rlrt:r:prompts", "length": 40, "groups": {}},
+        "rollouts": {"key": "rlrt:r:rollouts", "length": 12, "groups": {
+            "verifier": {"pending": 3, "lag": 7, "consumers": 2, "last_delivered_id": "1-0"}}},
+        "dead": {"key": "rlrt:r:dead", "length": 4, "groups": {}},
+    })
+    fams = _families(m.exposition().decode())
+    assert by_stream("rlrt_bus_stream_length_messages") == {"prompts": 40.0, "rollouts": 12.0, "dead": 4.0}
+    assert by_stream("rlrt_bus_pending_messages") == {"prompts": 0.0, "rollouts": 3.0}
+    assert by_stream("rlrt_bus_lag_messages") == {"prompts": 40.0, "rollouts": 7.0}  # no group yet: all undelivered
+    assert [s.value for s in fams["rlrt_bus_dead_letter_messages"]] == [4.0]
     info = fams["rlrt_build_info"]
     assert len(info) == 1 and info[0].value == 1.0 and info[0].labels["version"]
     assert fams["rlrt_start_time_seconds"][0].value > 1.6e9

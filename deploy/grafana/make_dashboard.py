@@ -179,7 +179,7 @@ def build() -> dict[str, Any]:
     b.row("Errors")
     b.ts("Errors", [q(f"sum by (service, kind) (rate(rlrt_errors_total{{{R}}}[5m]))", "{{service}} {{kind}}")],
          unit="ops", min0=True)
-    b.ts("Dead letters", [q(f"max by (stream) (rlrt_bus_dead_letter_messages{{{R}}})", "held: {{stream}}"),
+    b.ts("Dead letters", [q(f"max(rlrt_bus_dead_letter_messages{{{R}}})", "held in dead stream"),
                           q(f"sum by (reason) (increase(rlrt_dead_lettered_messages_total{{{R}}}[5m]))",
                             "new (5m): {{reason}}")], min0=True)
     b.ts("Redelivered (claimed)", [q(f"sum by (stream) (increase(rlrt_bus_claimed_messages_total{{{R}}}[5m]))",
