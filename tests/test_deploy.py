@@ -308,7 +308,9 @@ def test_k8s_pods_run_rlrt_serve_with_a_valid_recipe(overlay: str, tmp_path: Pat
                 assert ref["key"] in secrets[ref["name"]], f"{comp}: secret key {ref}"
         env = _literal_env(c, secrets)
         cfg = load_config(recipe, environ=env)  # what the pod's `rlrt serve` loads
-        assert cfg.transport.weights_host == learner_svc["metadata"]["name"]
+        # the learner binds all interfaces; its clients dial the learner's Service
+        want_host = "0.0.0.0" if comp == "learner" else learner_svc["metadata"]["name"]
+        assert cfg.transport.weights_host == want_host, f"{comp}: weights_host {cfg.transport.weights_host}"
         assert cfg.transport.weights_port == weights_port == WEIGHTS_PORT
         token_ref = next(e for e in c["env"] if e["name"] == "RLRT_WEIGHTS_TOKEN")["valueFrom"]["secretKeyRef"]
         assert cfg.transport.weights_token == secrets[token_ref["name"]][token_ref["key"]]
@@ -575,7 +577,8 @@ def test_compose_services_and_scaling(tmp_path: Path):
         assert (ROOT / config_src).is_file(), f"{name}: recipe {config_src} does not exist"
         senv = s["environment"]
         cfg = load_config(ROOT / config_src, environ={k: str(v) for k, v in senv.items()})
-        assert cfg.transport.weights_host == "learner" and cfg.transport.weights_port == WEIGHTS_PORT
+        assert cfg.transport.weights_host == ("0.0.0.0" if name == "learner" else "learner")
+        assert cfg.transport.weights_port == WEIGHTS_PORT
         assert cfg.metrics.http_host == "0.0.0.0" and cfg.metrics.http_port == METRICS_PORT
         assert cfg.transport.redis_url == f"redis://:{env['REDIS_PASSWORD']}@redis:6379/0"
         assert cfg.transport.weights_token == env["RLRT_WEIGHTS_TOKEN"]
