@@ -141,7 +141,7 @@ METRICS: tuple[MetricSpec, ...] = (
        label="reason"),
     _c("context", "rlrt_teacher_context_total", "", T,
        "Rollouts scored, by the kind of privileged context the teacher saw.", label="kind",
-       label_values=("solution", "peer", "none")),
+       label_values=("solution", "peer", "none", "unspecified")),
     _g("token_asym_mean", "rlrt_teacher_token_asymmetry_mean_nats", "nats", T,
        "Mean over response tokens of D̂_t = log P_S(y_t) - log P_T(y_t), last scored batch."),
     _g("token_asym_p90", "rlrt_teacher_token_asymmetry_p90_nats", "nats", T,
