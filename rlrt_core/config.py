@@ -179,6 +179,11 @@ class TransportConfig(_Section):
     tls_ca: str | None = None
     weights_chunk_bytes: int = Field(4 << 20, ge=1 << 10, le=64 << 20)
     keep_versions: int = Field(2, ge=1)
+    # Where clients reach the weight server when it differs from weights_host:weights_port
+    # (e.g. "learner:50051" in a cluster while the learner binds 0.0.0.0).
+    weights_target: str | None = None
+    weights_timeout_s: float = Field(600.0, gt=0.0, description="deadline for streaming one whole version")
+    weights_rpc_timeout_s: float = Field(10.0, gt=0.0, description="deadline of the small weight RPCs")
 
 
 class MetricsConfig(_Section):

@@ -3,7 +3,7 @@
 Stage helpers build and enrich a `RolloutGroup` as it travels prompts -> rollouts ->
 verified -> scored; `group_tensors` turns a finished group into padded tensors for the
 learner. Arrays travel as packed numeric fields (token ids, log-probs) or as `Tensor`
-messages (raw little-endian bytes + dtype + shape); nothing is pickled.
+messages (raw little-endian bytes + dtype + shape); never Python object serialisation.
 
 The dataclasses of other modules (rlrt_core.engines.Completion / GenerationResult,
 rlrt_core.reward.VerifyResult, rlrt_core.data.Problem) are read by attribute, so this

@@ -1,0 +1,350 @@
+"""gRPC WeightService: the learner serves its latest weight versions to rollout workers and
+teacher scorers.
+
+Each published version is copied once into one safetensors-format buffer (8-byte header
+length, JSON header, tensor bytes), so the version the learner keeps training on can
+change underneath without touching what is being served, and the same buffer can be
+written to disk (`version_buffer`) for engines that load files. The last `keep_versions`
+versions are kept; versions are strictly increasing.
+
+Security: every RPC except Health needs `authorization: Bearer <token>` metadata (token
+compared in constant time; refused calls end UNAUTHENTICATED). With `tls_cert`/`tls_key`
+the port speaks TLS; without, the token travels in clear text, so keep plain-text servers
+on loopback or a private network.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import secrets
+import struct
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import grpc
+import torch
+
+from rlrt_core.proto import weights_pb2 as wpb
+from rlrt_core.proto import weights_pb2_grpc as wgrpc
+from rlrt_core.transport.codec import TORCH_TO_DTYPE, VersionHasher, tensor_bytes
+
+log = logging.getLogger(__name__)
+
+AUTH_HEADER = "authorization"
+MD_VERSION = "x-rlrt-version"
+MD_REQUESTED = "x-rlrt-requested-version"
+MD_SUBSTITUTED = "x-rlrt-substituted"
+# Room for the chunk's name, shape and framing beside its data.
+MESSAGE_OVERHEAD = 1 << 20
+
+
+def max_message_bytes(chunk_bytes: int) -> int:
+    """gRPC message size limit for a given chunk size (set on both ends explicitly)."""
+    return chunk_bytes + MESSAGE_OVERHEAD
+
+
+def load_token(transport: Any) -> str:
+    """The shared weights token from `transport.weights_token` (or RLRT_WEIGHTS_TOKEN), else
+    the first line of `transport.weights_token_file`; a clear error when neither is set."""
+    if transport.weights_token:
+        return str(transport.weights_token)
+    if transport.weights_token_file:
+        path = Path(transport.weights_token_file)
+        if not path.is_file():
+            raise ValueError(f"transport.weights_token_file {path} does not exist")
+        token = path.read_text().strip()
+        if not token:
+            raise ValueError(f"transport.weights_token_file {path} is empty")
+        return token
+    raise ValueError("the weight service needs a shared token: set transport.weights_token (RLRT_WEIGHTS_TOKEN) "
+                     "or transport.weights_token_file (see rlrt_core.weights.ensure_token_file)")
+
+
+def ensure_token_file(path: str | os.PathLike[str]) -> str:
+    """Read the token in `path`, creating it (random, mode 0600) when missing: how a local
+    launcher gives the learner and its workers one shared secret."""
+    p = Path(path)
+    if p.is_file() and p.read_text().strip():
+        return p.read_text().strip()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(token + "\n")
+    return token
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute offsets in the version buffer
+    end: int
+
+
+@dataclass(frozen=True)
+class _Version:
+    version: int
+    buffer: bytearray
+    tensors: tuple[_Tensor, ...]
+    checksum: str
+    total_bytes: int
+    published_at: float
+
+
+def _build_version(version: int, state_dict: Mapping[str, torch.Tensor]) -> _Version:
+    """Copy `state_dict` into one safetensors-format buffer and checksum it."""
+    items = []
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, t in state_dict.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"state_dict[{name!r}] is a {type(t).__name__}, not a tensor")
+        if t.dtype not in TORCH_TO_DTYPE:
+            raise ValueError(f"state_dict[{name!r}] has dtype {t.dtype}, which has no safetensors name")
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": TORCH_TO_DTYPE[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        items.append((name, t, offset, n))
+        offset += n
+    header["__metadata__"] = {"rlrt_version": str(version)}
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # safetensors pads the header to 8 bytes
+    base = 8 + len(head)
+    buf = bytearray(base + offset)
+    buf[:8] = struct.pack("<Q", len(head))
+    buf[8:base] = head
+    hasher = VersionHasher()
+    tensors = []
+    view = memoryview(buf)
+    for name, t, off, n in items:
+        data = tensor_bytes(t)
+        view[base + off: base + off + n] = data
+        meta = header[name]
+        hasher.begin_tensor(name, meta["dtype"], meta["shape"], n)
+        hasher.update(view[base + off: base + off + n])
+        tensors.append(_Tensor(name, meta["dtype"], tuple(meta["shape"]), base + off, base + off + n))
+    return _Version(version=version, buffer=buf, tensors=tuple(tensors), checksum=hasher.hexdigest(),
+                    total_bytes=offset, published_at=time.time())
+
+
+class _TokenInterceptor(grpc.ServerInterceptor):
+    """Refuses calls without the shared token (Health is open: it reveals only the version)."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+        def deny(_request: Any, context: grpc.ServicerContext) -> Any:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong weights token "
+                                                           "(metadata 'authorization: Bearer <token>')")
+
+        def deny_stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            deny(request, context)
+            yield from ()
+
+        self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
+        self._deny_stream = grpc.unary_stream_rpc_method_handler(deny_stream)
+
+    def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        if details.method.endswith("/Health"):
+            return continuation(details)
+        given = ""
+        for key, value in details.invocation_metadata or ():
+            if key == AUTH_HEADER:
+                given = value
+        if hmac.compare_digest(given.encode(), self._expected):
+            return continuation(details)
+        return self._deny_stream if details.method.endswith("/StreamWeights") else self._deny_unary
+
+
+class _Servicer(wgrpc.WeightServiceServicer):
+    def __init__(self, server: "WeightServer") -> None:
+        self._s = server
+
+    def GetLatestVersion(self, request: wpb.GetLatestVersionRequest, context: grpc.ServicerContext) -> wpb.VersionInfo:
+        v, versions = self._s._snapshot()
+        if v is None:
+            return wpb.VersionInfo(version=-1)
+        return wpb.VersionInfo(version=v.version, total_bytes=v.total_bytes, num_tensors=len(v.tensors),
+                               checksum=v.checksum, available_versions=versions)
+
+    def Health(self, request: wpb.HealthRequest, context: grpc.ServicerContext) -> wpb.HealthResponse:
+        v, _ = self._s._snapshot()
+        return wpb.HealthResponse(serving=True, latest_version=-1 if v is None else v.version,
+                                  uptime_s=time.monotonic() - self._s._started)
+
+    def StreamWeights(self, request: wpb.StreamWeightsRequest, context: grpc.ServicerContext) -> Iterator[wpb.WeightChunk]:
+        requested = request.version if request.HasField("version") else -1
+        v = self._s._resolve(requested)
+        if v is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, "no weight version has been published yet")
+        substituted = requested >= 0 and requested != v.version
+        if substituted:
+            log.info("version %d is not kept (have %s); streaming %d", requested, self._s.versions, v.version)
+        context.send_initial_metadata(((MD_VERSION, str(v.version)), (MD_REQUESTED, str(requested)),
+                                       (MD_SUBSTITUTED, "1" if substituted else "0")))
+        chunk = min(request.chunk_bytes or self._s.chunk_bytes, self._s.chunk_bytes)
+        view = memoryview(v.buffer)
+        n_tensors = len(v.tensors)
+        for index, t in enumerate(v.tensors):
+            size = t.end - t.start
+            offset = 0
+            while True:
+                take = min(chunk, size - offset)
+                yield wpb.WeightChunk(version=v.version, requested_version=requested, name=t.name, dtype=t.dtype,
+                                      shape=t.shape, offset=offset, tensor_bytes=size,
+                                      data=bytes(view[t.start + offset: t.start + offset + take]),
+                                      tensor_index=index, num_tensors=n_tensors)
+                offset += take
+                if offset >= size:
+                    break
+            if not context.is_active():  # client went away: stop copying
+                return
+        yield wpb.WeightChunk(version=v.version, requested_version=requested, num_tensors=n_tensors, final=True,
+                              checksum=v.checksum)
+
+
+class WeightServer:
+    """Serves published weight versions over gRPC.
+
+    token: shared secret clients must send. host/port: bind address (port 0 = free port,
+    see `.port` after `start`). keep_versions: versions kept for clients still pulling.
+    chunk_bytes: largest tensor piece per message (clients may ask for less).
+    tls_cert / tls_key: PEM paths; both set = TLS.
+    """
+
+    def __init__(self, *, token: str, host: str = "127.0.0.1", port: int = 0, keep_versions: int = 2,
+                 chunk_bytes: int = 4 << 20, tls_cert: str | None = None, tls_key: str | None = None,
+                 max_workers: int = 8) -> None:
+        if not token:
+            raise ValueError("WeightServer needs a non-empty shared token")
+        if keep_versions < 1:
+            raise ValueError("keep_versions must be >= 1")
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("TLS needs both tls_cert and tls_key")
+        self.host = host
+        self.port = port
+        self.keep_versions = keep_versions
+        self.chunk_bytes = chunk_bytes
+        self._token = token
+        self._tls = (tls_cert, tls_key) if tls_cert else None
+        self._max_workers = max_workers
+        self._lock = threading.Lock()
+        self._versions: dict[int, _Version] = {}
+        self._latest: _Version | None = None
+        self._server: grpc.Server | None = None
+        self._started = time.monotonic()
+
+    @classmethod
+    def from_config(cls, transport: Any, *, token: str | None = None) -> "WeightServer":
+        """Build from a `TransportConfig` (token from `load_token` unless given)."""
+        return cls(token=token or load_token(transport), host=transport.weights_host, port=transport.weights_port,
+                   keep_versions=transport.keep_versions, chunk_bytes=transport.weights_chunk_bytes,
+                   tls_cert=transport.tls_cert, tls_key=transport.tls_key)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> int:
+        """Bind and start serving; returns the port."""
+        if self._server is not None:
+            return self.port
+        limit = max_message_bytes(self.chunk_bytes)
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=self._max_workers, thread_name_prefix="weights"),
+                             interceptors=[_TokenInterceptor(self._token)],
+                             options=[("grpc.max_send_message_length", limit),
+                                      ("grpc.max_receive_message_length", 1 << 20),
+                                      ("grpc.so_reuseport", 0)])
+        wgrpc.add_WeightServiceServicer_to_server(_Servicer(self), server)
+        address = f"{self.host}:{self.port}"
+        if self._tls:
+            cert, key = (Path(p).read_bytes() for p in self._tls)
+            bound = server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
+        else:
+            bound = server.add_insecure_port(address)
+        if bound == 0:
+            raise RuntimeError(f"weight server could not bind {address}")
+        server.start()
+        self.port = bound
+        self._server = server
+        self._started = time.monotonic()
+        log.info("weight server on %s:%d (%s)", self.host, bound, "TLS" if self._tls else "plain text")
+        return bound
+
+    def stop(self, grace_s: float | None = 2.0) -> None:
+        """Stop serving; in-flight streams get `grace_s` seconds to finish."""
+        if self._server is not None:
+            self._server.stop(grace_s).wait()
+            self._server = None
+
+    def __enter__(self) -> "WeightServer":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    @property
+    def address(self) -> str:
+        """host:port clients dial (loopback when bound to all interfaces)."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "", "[::]", "::") else self.host
+        return f"{host}:{self.port}"
+
+    # -- versions -------------------------------------------------------------------------
+
+    def publish(self, version: int, state_dict: Mapping[str, torch.Tensor]) -> str:
+        """Serve `state_dict` ({name: tensor}, any device) as `version`, which must exceed
+        every version published before; returns the version checksum. The tensors are
+        copied, so the caller may keep updating them."""
+        with self._lock:
+            if self._latest is not None and version <= self._latest.version:
+                raise ValueError(f"weight versions must increase: {version} <= latest {self._latest.version}")
+        built = _build_version(int(version), state_dict)
+        with self._lock:
+            if self._latest is not None and version <= self._latest.version:  # a concurrent publish won
+                raise ValueError(f"weight versions must increase: {version} <= latest {self._latest.version}")
+            self._versions[built.version] = built
+            self._latest = built
+            for old in sorted(self._versions)[:-self.keep_versions]:
+                del self._versions[old]  # streams still sending it hold their own reference
+        return built.checksum
+
+    @property
+    def latest_version(self) -> int | None:
+        with self._lock:
+            return None if self._latest is None else self._latest.version
+
+    @property
+    def versions(self) -> list[int]:
+        with self._lock:
+            return sorted(self._versions)
+
+    def checksum(self, version: int) -> str:
+        with self._lock:
+            if version not in self._versions:
+                raise KeyError(f"weight version {version} is not kept (have {sorted(self._versions)})")
+            return self._versions[version].checksum
+
+    def version_buffer(self, version: int) -> memoryview:
+        """The kept `version` as safetensors file bytes (read-only view), e.g. to write a file
+        for an engine that loads from disk."""
+        with self._lock:
+            if version not in self._versions:
+                raise KeyError(f"weight version {version} is not kept (have {sorted(self._versions)})")
+            return memoryview(self._versions[version].buffer).toreadonly()
+
+    def _snapshot(self) -> tuple[_Version | None, list[int]]:
+        with self._lock:
+            return self._latest, sorted(self._versions)
+
+    def _resolve(self, requested: int) -> _Version | None:
+        with self._lock:
+            if requested >= 0 and requested in self._versions:
+                return self._versions[requested]
+            return self._latest

@@ -1,0 +1,271 @@
+"""WeightService over real gRPC on loopback, and version announcements on real Redis."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+import pytest
+import redis
+import torch
+
+from rlrt_core.config import TransportConfig
+from rlrt_core.weights import (
+    ChecksumMismatchError,
+    WeightClient,
+    WeightServer,
+    WeightServiceError,
+    announce_version,
+    ensure_token_file,
+    read_announced_version,
+    read_announcement,
+    wait_for_version,
+)
+from rlrt_core.weights.announce import channel_name
+
+TOKEN = "test-token"
+REDIS_URL_TEST = os.environ.get("REDIS_URL_TEST", "redis://127.0.0.1:6379/0")
+
+
+def small_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "model.embed_tokens.weight": torch.randn(64, 48, generator=g),            # spans many chunks
+        "model.layers.0.self_attn.q_proj.weight": torch.randn(48, 48, generator=g).bfloat16(),
+        "model.norm.weight": torch.randn(48, generator=g).half(),
+        "counter": torch.tensor(7, dtype=torch.int64),                            # 0-dim
+        "empty": torch.zeros(0, 5),
+        "mask": torch.rand(3, 3, generator=g) > 0.5,
+    }
+
+
+@pytest.fixture
+def server():
+    with WeightServer(token=TOKEN, chunk_bytes=4096, keep_versions=2) as s:
+        yield s
+
+
+def client_for(s: WeightServer, **kw) -> WeightClient:
+    kw.setdefault("token", TOKEN)
+    kw.setdefault("chunk_bytes", 4096)
+    return WeightClient(s.address, **kw)
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert list(a) == list(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(a[k], b[k]), k
+
+
+def test_stream_round_trip_incremental(server: WeightServer) -> None:
+    sd = small_state()
+    checksum = server.publish(3, sd)
+    with client_for(server) as c:
+        info = c.version_info()
+        assert (info.version, info.num_tensors, info.checksum) == (3, len(sd), checksum)
+        assert info.total_bytes == sum(t.numel() * t.element_size() for t in sd.values())
+        stream = c.stream()
+        assert stream.version == 3 and not stream.substituted and stream.checksum is None
+        got = {}
+        for name, tensor in stream:
+            assert stream.checksum is None  # only known once the last message arrived
+            got[name] = tensor
+        assert stream.checksum == checksum and stream.bytes_received == info.total_bytes
+        assert_same(got, sd)
+        got["model.norm.weight"].add_(1)  # writable, own memory
+        version, fetched = c.fetch_state_dict(3)
+        assert version == 3
+        assert_same(fetched, sd)
+
+
+def test_publisher_may_keep_training(server: WeightServer) -> None:
+    sd = small_state()
+    before = {k: v.clone() for k, v in sd.items()}
+    server.publish(1, sd)
+    sd["model.embed_tokens.weight"].mul_(0)  # the learner's next step changes its tensors
+    with client_for(server) as c:
+        assert_same(c.fetch_state_dict()[1], before)
+
+
+def test_versions_are_monotonic_and_old_ones_expire(server: WeightServer) -> None:
+    for v in (1, 2, 5):
+        server.publish(v, small_state(v))
+    for bad in (5, 4):
+        with pytest.raises(ValueError, match="must increase"):
+            server.publish(bad, small_state())
+    assert server.versions == [2, 5]
+    with client_for(server) as c:
+        assert c.version_info().available_versions == [2, 5]
+        assert_same(c.fetch_state_dict(2)[1], small_state(2))
+        stream = c.stream(1)  # gone: the latest comes instead, and says so
+        assert stream.substituted and stream.requested_version == 1 and stream.version == 5
+        assert_same(dict(stream), small_state(5))
+
+
+def test_token_is_required(server: WeightServer) -> None:
+    server.publish(1, small_state())
+    for token in ("wrong", ""):
+        with client_for(server, token=token) as c:
+            with pytest.raises(WeightServiceError, match="UNAUTHENTICATED") as err:
+                c.latest_version()
+            assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(WeightServiceError, match="refused the token"):
+                list(c.stream())
+            assert c.health().latest_version == 1  # health stays open for probes
+    with pytest.raises(ValueError, match="non-empty shared token"):
+        WeightServer(token="")
+
+
+def test_nothing_published_yet(server: WeightServer) -> None:
+    with client_for(server) as c:
+        assert c.latest_version() is None and c.health().serving
+        with pytest.raises(WeightServiceError, match="NOT_FOUND"):
+            c.stream()
+
+
+def test_checksum_mismatch_is_reported_at_the_end(server: WeightServer) -> None:
+    server.publish(1, small_state())
+    buf = server._versions[1].buffer  # fault injection: flip one byte of the served copy
+    buf[-1] ^= 0xFF
+    with client_for(server) as c:
+        stream = c.stream()
+        seen = []
+        with pytest.raises(ChecksumMismatchError, match="checksum mismatch"):
+            for name, _ in stream:
+                seen.append(name)
+        assert len(seen) == len(small_state())  # every tensor was yielded before the verdict
+        with pytest.raises(ChecksumMismatchError):
+            c.fetch_state_dict()
+
+
+def test_deadline_and_unreachable(server: WeightServer) -> None:
+    server.publish(1, {"big": torch.zeros(4 << 20)})  # 16 MB in 4 KB chunks
+    with client_for(server, timeout_s=0.05) as c:
+        with pytest.raises(WeightServiceError, match="DEADLINE_EXCEEDED"):
+            list(c.stream())
+    with WeightClient("127.0.0.1:1", token=TOKEN, rpc_timeout_s=1.0) as c:
+        with pytest.raises(WeightServiceError, match="UNAVAILABLE"):
+            c.latest_version()
+
+
+def test_chunk_size_is_capped_by_the_server(server: WeightServer) -> None:
+    server.publish(1, small_state())
+    with client_for(server, chunk_bytes=1 << 20) as c:  # asks for more than the server sends
+        assert_same(c.fetch_state_dict()[1], small_state())
+
+
+def _self_signed(tmp: Path) -> tuple[Path, Path]:
+    cert, key = tmp / "cert.pem", tmp / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"], check=True, capture_output=True)
+    return cert, key
+
+
+def test_tls(tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    with WeightServer(token=TOKEN, tls_cert=str(cert), tls_key=str(key), chunk_bytes=4096) as s:
+        s.publish(1, small_state())
+        with WeightClient(s.address, token=TOKEN, tls_ca=str(cert), chunk_bytes=4096) as c:
+            assert_same(c.fetch_state_dict()[1], small_state())
+        with WeightClient(s.address, token=TOKEN, rpc_timeout_s=2.0) as plain:  # plain text to a TLS port
+            with pytest.raises(WeightServiceError, match="UNAVAILABLE"):
+                plain.latest_version()
+        other = tmp_path / "other"
+        other.mkdir()
+        other_cert, _ = _self_signed(other)  # a certificate the server's does not chain to
+        with WeightClient(s.address, token=TOKEN, tls_ca=str(other_cert), rpc_timeout_s=2.0) as wrong_ca:
+            with pytest.raises(WeightServiceError, match="UNAVAILABLE"):
+                wrong_ca.latest_version()
+
+
+def test_from_config_with_token_file(tmp_path: Path) -> None:
+    token_file = tmp_path / "weights.token"
+    token = ensure_token_file(token_file)
+    assert ensure_token_file(token_file) == token and (token_file.stat().st_mode & 0o777) == 0o600
+    cfg = TransportConfig(weights_port=0, weights_token_file=str(token_file), weights_chunk_bytes=8192)
+    with WeightServer.from_config(cfg) as s:
+        s.publish(0, small_state())
+        cfg.weights_port = s.port
+        with WeightClient.from_config(cfg) as c:
+            assert c.latest_version() == 0
+    with pytest.raises(ValueError, match="needs a shared token"):
+        WeightServer.from_config(TransportConfig())
+
+
+# --------------------------------------------------------------------------------------
+# Announcements on Redis
+
+
+@pytest.fixture
+def rclient():
+    client = redis.Redis.from_url(REDIS_URL_TEST)
+    run = f"ann-{uuid.uuid4().hex[:8]}"
+    yield client, run
+    keys = list(client.scan_iter(match=f"rlrt:{run}:*"))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+def test_announce_and_read(rclient) -> None:
+    client, run = rclient
+    assert read_announced_version(client, run) is None and read_announcement(client, run) is None
+    pubsub = client.pubsub()
+    pubsub.subscribe(channel_name(run))
+    pubsub.get_message(timeout=1.0)  # subscription confirmation
+    announce_version(client, run, 1, address="127.0.0.1:5", checksum="abc")
+    announce_version(client, run, 1)  # same version again: a restarted learner re-announcing
+    announce_version(client, run, 2, address="127.0.0.1:5")
+    assert read_announced_version(client, run) == 2
+    a = read_announcement(client, run)
+    assert a.version == 2 and a.address == "127.0.0.1:5" and a.at > 0
+    msg = pubsub.get_message(timeout=1.0)
+    assert msg and msg["data"] == b"1"
+    pubsub.close()
+    with pytest.raises(ValueError, match="lower than the announced version 2"):
+        announce_version(client, run, 1)
+
+
+def test_wait_for_version(rclient) -> None:
+    client, run = rclient
+    announce_version(client, run, 0)
+    assert wait_for_version(client, run, 0, timeout_s=1) == 0
+    t = threading.Timer(0.3, lambda: announce_version(redis.Redis.from_url(REDIS_URL_TEST), run, 3))
+    t.start()
+    start = time.monotonic()
+    assert wait_for_version(client, run, 2, timeout_s=10, block_ms=5000) == 3
+    assert time.monotonic() - start < 3  # woken by the notice, not by polling
+    t.join()
+    with pytest.raises(TimeoutError, match="no weight version >= 9"):
+        wait_for_version(client, run, 9, timeout_s=0.3)
+
+
+# --------------------------------------------------------------------------------------
+# A real model version
+
+
+@pytest.mark.slow
+def test_smollm2_version_streamed_and_verified(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from rlrt_core.models import resolve_model_path
+
+    directory = resolve_model_path("smollm2-135m-instruct")
+    sd: dict[str, torch.Tensor] = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        sd.update(load_file(f))
+    n_params = sum(t.numel() for t in sd.values())
+    assert n_params > 100e6
+    with WeightServer(token=TOKEN) as s:
+        checksum = s.publish(1, sd)
+        with WeightClient(s.address, token=TOKEN) as c:
+            stream = c.stream(1)
+            for name, tensor in stream:
+                assert torch.equal(tensor, sd[name]), name
+            assert stream.checksum == checksum and stream.num_tensors == len(sd)
