@@ -94,6 +94,7 @@ class ProblemResult:
     rewards: list[float]
     extracted: list[str | None]
     truncated: int  # completions that hit max_new_tokens
+    texts: list[str] | None = None  # the completions themselves (evaluate(keep_texts=True))
 
 
 @dataclass
@@ -137,12 +138,13 @@ def report_from_results(dataset: str, k: int, results: Sequence[ProblemResult], 
 def evaluate(engine: "Engine", problems: Sequence[Problem], verifier: Verifier, *, k: int,
              pass_ks: Sequence[int] | None = None, max_new_tokens: int = 256, temperature: float = 1.0,
              top_p: float = 1.0, seed: int = 0, batch_size: int = 8, dataset: str = "data",
-             prompt_template: str | None = None,
+             prompt_template: str | None = None, keep_texts: bool = False,
              on_progress: Callable[[int], None] | None = None) -> EvalReport:
     """Sample `k` completions per problem (student prompt, chat template) and verify them.
 
     Problems go to the engine `batch_size` at a time (one `generate` call, n=k each);
-    `on_progress(m)` is called after each batch with the number of problems it finished.
+    `on_progress(m)` is called after each batch with the number of problems it finished;
+    `keep_texts` keeps every completion's text in the per-problem results.
     The sampling seed of a batch is `seed + index of its first problem`, so a run is
     reproducible whatever the batch size of a deterministic engine."""
     from rlrt_core.engines import SamplingParams
@@ -180,7 +182,8 @@ def evaluate(engine: "Engine", problems: Sequence[Problem], verifier: Verifier, 
             results.append(ProblemResult(
                 id=p.id, n=len(vs), correct=sum(1 for r in rewards if r > 0.5), rewards=rewards,
                 extracted=[v.extracted for v in vs],
-                truncated=sum(1 for c in g.completions if c.finish_reason == "length")))
+                truncated=sum(1 for c in g.completions if c.finish_reason == "length"),
+                texts=[c.text for c in g.completions] if keep_texts else None))
         if on_progress is not None:
             on_progress(len(batch))
     return report_from_results(dataset, k, results, outcomes, pass_ks, time.perf_counter() - t0)

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import subprocess
+import sys
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 
-from rlrt_core.evaluation import avg_at_k, default_pass_ks, parse_ks, pass_at_k, pass_at_k_curve
+from rlrt_core.data import arithmetic_problems, load_jsonl, resolve_data_path
+from rlrt_core.evaluation import avg_at_k, default_pass_ks, evaluate, parse_ks, pass_at_k, pass_at_k_curve
+from rlrt_core.reward import Verifier, math_reward
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _exact(n: int, c: int, k: int) -> Fraction:
@@ -82,3 +90,61 @@ def test_k_lists():
         parse_ks("1,two", 16)
     with pytest.raises(ValueError, match="no k values"):
         parse_ks(",", 16)
+
+
+# --------------------------------------------------------------------------- with a real engine
+
+@pytest.fixture(scope="module")
+def tiny_engine():
+    from rlrt_core.engines import TorchEngine
+
+    eng = TorchEngine("tiny")
+    yield eng
+    eng.close()
+
+
+def test_evaluate_with_tiny_engine(tiny_engine):
+    problems = (arithmetic_problems(digits=1, ops=["+"], num_problems=2, seed=0, instruction="Reply with a number.")
+                + load_jsonl(resolve_data_path("gsm8k-test"), max_problems=1))
+    seen = []
+    with Verifier(mode="last_number", timeout_s=10, workers=1) as v:
+        kw = dict(k=4, pass_ks=[1, 2, 4], max_new_tokens=8, seed=5, batch_size=2, keep_texts=True,
+                  dataset="mix", on_progress=seen.append)
+        rep = evaluate(tiny_engine, problems, v, **kw)
+        again = evaluate(tiny_engine, problems, v, **kw)
+        other = evaluate(tiny_engine, problems, v, **{**kw, "seed": 6})
+        with pytest.raises(ValueError, match="outside"):
+            evaluate(tiny_engine, problems[:1], v, k=2, pass_ks=[4])
+    assert seen[:2] == [2, 1]
+    assert rep.num_problems == 3 and rep.k == 4 and list(rep.pass_at_k) == [1, 2, 4]
+    assert sum(rep.outcomes.values()) == 12
+    for p, r in zip(problems, rep.problems):
+        assert r.id == p.id and r.n == 4 and len(r.texts) == 4
+        # every reward is what the verifier gives the completion text on its own
+        assert r.rewards == [math_reward(t, p.answer, mode="last_number") for t in r.texts]
+        assert r.correct == sum(r.rewards)
+    assert rep.avg_at_k == pytest.approx(rep.pass_at_k[1])
+    assert rep.pass_at_k[1] <= rep.pass_at_k[2] <= rep.pass_at_k[4]
+    assert [r.texts for r in again.problems] == [r.texts for r in rep.problems]  # seeded: reproducible
+    assert [r.texts for r in other.problems] != [r.texts for r in rep.problems]
+    assert json.loads(json.dumps(rep.to_dict()))["pass_at_k"]["4"] == rep.pass_at_k[4]
+
+
+@pytest.mark.slow
+def test_rlrt_eval_cli_tiny(tmp_path):
+    out = tmp_path / "report.json"
+    cmd = [sys.executable, "-m", "services.cli.main", "eval", "--model", "tiny", "--data", "arithmetic:1:+-",
+           "--data", "gsm8k-test", "-k", "2", "--pass-at", "1,2", "--max-new-tokens", "6", "--limit", "2",
+           "--mode", "last_number", "--workers", "1", "--json", str(out)]
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(out.read_text())
+    assert doc["k"] == 2 and doc["pass_at"] == [1, 2] and doc["engine"] == "torch"
+    assert [d["dataset"] for d in doc["datasets"]] == ["arithmetic-1d-+-", "gsm8k-test"]
+    for d in doc["datasets"]:
+        assert d["num_problems"] == 2 and set(d["pass_at_k"]) == {"1", "2"}
+        assert 0.0 <= d["avg_at_k"] <= d["pass_at_k"]["2"] <= 1.0
+        assert [p["n"] for p in d["problems"]] == [2, 2]
+    assert "pass@2" in p.stdout and "gsm8k-test" in p.stdout
+    bad = subprocess.run(cmd[:-2] + ["--pass-at", "1,4"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--pass-at" in bad.stderr and "[4]" in bad.stderr
