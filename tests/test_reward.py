@@ -194,6 +194,19 @@ def test_verify_group_score_group_summary(verifier):
     assert verifier.verify_group([], "1") == []
 
 
+def test_verify_from_worker_thread_and_huge_input(verifier):
+    # services call the pool from their own threads; extraction stays linear on long text
+    long = "Let me think. " + "{(" * 200_000 + "x" * 300_000 + "\n#### 12"
+    out: list = []
+    t = threading.Thread(target=lambda: out.extend(verifier.verify([long, "\\boxed{\ud800}"], ["12", "1"])))
+    t0 = time.monotonic()
+    t.start()
+    t.join(60)
+    assert time.monotonic() - t0 < 10
+    assert out[0].reward == 1.0 and out[0].extracted == "12"
+    assert out[1].reward == 0.0 and not out[1].timed_out
+
+
 def test_pool_results_deterministic_and_ordered():
     rng = random.Random(0)
     answers = [str(rng.randint(0, 50)) for _ in range(60)]
