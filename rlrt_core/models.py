@@ -6,7 +6,7 @@
   Q4_1 GGUF. transformers keeps GGUF weights packed and refuses to save them, so the GGUF is
   de-quantised once into a plain `LlamaForCausalLM` saved as a safetensors directory under the
   cache, keyed by the GGUF's SHA-256. Every engine (torch, vLLM) then loads that directory.
-* ``tiny``: a randomly initialised model of the same family (2 layers, width 64, the real
+* ``tiny``: a randomly initialised model of the same family (2 layers, width 128, the real
   SmolLM2 tokenizer and chat template) for fast tests, built from a fixed seed and cached too.
 
 Conversions are written atomically (temporary directory + rename) under a file lock, so two
@@ -46,18 +46,19 @@ _COMPLETE = "rlrt-model.json"  # written last inside the temp dir; its presence 
 
 # The tiny model: SmolLM2's family and vocabulary, few and narrow layers.
 TINY_SPEC: dict[str, Any] = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
+    # head_dim 64 as in SmolLM2: vLLM's CPU attention kernels reject small head sizes (16).
+    "hidden_size": 128,
+    "intermediate_size": 256,
     "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
     "max_position_embeddings": 2048,
     "seed": 0,
     # Embedding rows share a component that the EOS row points along, so a random model
     # still ends completions at varied lengths (P(EOS) about 5% per step at temperature 1)
     # and EOS handling gets exercised in tests.
-    "eos_bias": 10.0,
-    "spec_version": 1,
+    "eos_bias": 17.0,
+    "spec_version": 2,
 }
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -102,14 +102,15 @@ def _chunk_scores(head: torch.nn.Module, softcap: float | None, temperature: flo
         logits = torch.tanh(logits / softcap) * softcap
     if temperature != 1.0:
         logits = logits / temperature
-    lse = torch.logsumexp(logits, dim=-1)  # [n]
-    out: list[Tensor] = [logits.gather(-1, y[:, None]).squeeze(-1) - lse]
+    logp = logits - torch.logsumexp(logits, dim=-1, keepdim=True)  # [n, V]
+    del logits
+    out: list[Tensor] = [logp.gather(-1, y[:, None]).squeeze(-1)]
     if with_entropy:
-        probs = torch.softmax(logits, dim=-1)
-        out.append(lse - (probs * logits).sum(-1))  # H = logsumexp - E_p[logit]
+        # -sum p log p, not logsumexp - E_p[logit]: the latter cancels two large numbers in float32
+        out.append(-(logp.exp() * logp).sum(-1))
     if topk:
-        vals, ids = logits.topk(topk, dim=-1)
-        out.extend([ids, vals - lse[:, None]])
+        vals, ids = logp.topk(topk, dim=-1)
+        out.extend([ids, vals])
     return tuple(out)
 
 

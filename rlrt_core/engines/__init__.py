@@ -1,0 +1,56 @@
+"""Generation engines behind one interface: `TorchEngine` (transformers) and `VLLMEngine` (vLLM).
+
+`make_engine(cfg)` builds the one named by `cfg.rollout.engine`. vLLM is imported only when a
+VLLMEngine is built (it lives in its own environment, see `make vllm-env`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from rlrt_core.engines.base import (
+    Completion,
+    Engine,
+    GenerationResult,
+    ParamSpec,
+    SamplingParams,
+    WeightLoadError,
+    collect_weights,
+    sample_next,
+)
+from rlrt_core.engines.torch_engine import TorchEngine
+
+if TYPE_CHECKING:
+    from rlrt_core.config import RunConfig
+    from rlrt_core.engines.vllm_engine import VLLMEngine
+
+__all__ = [
+    "Completion", "Engine", "GenerationResult", "ParamSpec", "SamplingParams", "TorchEngine", "VLLMEngine",
+    "WeightLoadError", "collect_weights", "make_engine", "sample_next",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # VLLMEngine is importable from here without importing vllm until it is used.
+    if name == "VLLMEngine":
+        from rlrt_core.engines.vllm_engine import VLLMEngine
+
+        return VLLMEngine
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def make_engine(cfg: "RunConfig") -> Engine:
+    """The rollout engine that `cfg.rollout.engine` names ("torch" or "vllm"), on cfg.model."""
+    kind = cfg.rollout.engine
+    if kind == "torch":
+        return TorchEngine(cfg.model.path, dtype=cfg.model.dtype, device=cfg.rollout.device,
+                           cache_dir=cfg.model.cache_dir, max_model_len=cfg.model.max_model_len)
+    if kind == "vllm":
+        from rlrt_core.engines.vllm_engine import VLLMEngine
+
+        v = cfg.rollout.vllm
+        return VLLMEngine(cfg.model.path, dtype=cfg.model.dtype if v.dtype == "auto" else v.dtype,
+                          tensor_parallel_size=v.tensor_parallel_size, gpu_memory_utilization=v.gpu_memory_utilization,
+                          enforce_eager=v.enforce_eager, max_model_len=cfg.model.max_model_len,
+                          cache_dir=cfg.model.cache_dir, seed=cfg.rollout.seed)
+    raise ValueError(f"unknown rollout engine {kind!r}; choose 'torch' or 'vllm'")

