@@ -148,3 +148,23 @@ def test_rlrt_eval_cli_tiny(tmp_path):
     assert "pass@2" in p.stdout and "gsm8k-test" in p.stdout
     bad = subprocess.run(cmd[:-2] + ["--pass-at", "1,4"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--pass-at" in bad.stderr and "[4]" in bad.stderr
+
+
+def test_eval_dataset_specs():
+    from rlrt_core.config import DataConfig
+    from services.cli.eval_cmd import _load_dataset
+
+    cfg = DataConfig(instruction="Think, then answer.")
+    name, probs = _load_dataset("arithmetic:2:+-", data_cfg=cfg, instruction=None, from_recipe=False, limit=5)
+    assert name == "arithmetic-2d-+-" and len(probs) == 5
+    assert all(p.prompt.endswith("Think, then answer.") for p in probs)
+    name, probs = _load_dataset("gsm8k-test", data_cfg=cfg, instruction=None, from_recipe=False, limit=2)
+    assert name == "gsm8k-test" and not probs[0].prompt.endswith("Think, then answer.")
+    _, probs = _load_dataset("gsm8k-test", data_cfg=cfg, instruction=None, from_recipe=True, limit=2)
+    assert probs[0].prompt.endswith("\n\nThink, then answer.")
+    _, probs = _load_dataset("arithmetic", data_cfg=cfg, instruction="", from_recipe=True, limit=1)
+    assert probs[0].prompt.endswith("?")
+    with pytest.raises(ValueError, match="digits must be an integer"):
+        _load_dataset("arithmetic:two", data_cfg=cfg, instruction=None, from_recipe=False, limit=1)
+    with pytest.raises(ValueError, match="ops must be"):
+        _load_dataset("arithmetic:1:/", data_cfg=cfg, instruction=None, from_recipe=False, limit=1)

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from rlrt_core.config import ConfigError, load_config
+from rlrt_core.config import ConfigError, DataConfig, load_config
 from rlrt_core.data import BUILTIN_DATASETS, DataError, Problem, arithmetic_problems, load_jsonl, resolve_data_path
 from rlrt_core.evaluation import EvalReport, default_pass_ks, evaluate, parse_ks
 from rlrt_core.reward import Verifier
@@ -38,21 +38,26 @@ def _fail(msg: str) -> NoReturn:
     raise typer.Exit(2)
 
 
-def _load_dataset(spec: str, *, instruction: str | None, default_instruction: str, limit: int | None,
-                  arithmetic_defaults: Any) -> tuple[str, list[Problem]]:
-    """`arithmetic[:digits[:ops]]`, a built-in name (gsm8k-test) or a JSONL path -> (name, problems)."""
+def _load_dataset(spec: str, *, data_cfg: DataConfig, instruction: str | None, from_recipe: bool,
+                  limit: int | None) -> tuple[str, list[Problem]]:
+    """`arithmetic[:digits[:ops]]`, a built-in name (gsm8k-test) or a JSONL path -> (name, problems).
+
+    Default instruction (`instruction` None): the recipe's data.instruction when a recipe was
+    given; otherwise the built-in one for arithmetic and none for files (complete prompts)."""
     if spec == "arithmetic" or spec.startswith("arithmetic:"):
+        a = data_cfg.arithmetic
         parts = spec.split(":")
         try:
-            digits = int(parts[1]) if len(parts) > 1 and parts[1] else arithmetic_defaults.digits
+            digits = int(parts[1]) if len(parts) > 1 and parts[1] else a.digits
         except ValueError:
-            raise ValueError(f"--data {spec}: digits must be an integer (arithmetic:DIGITS:OPS)") from None
-        ops = list(parts[2]) if len(parts) > 2 and parts[2] else list(arithmetic_defaults.ops)
-        n = limit or arithmetic_defaults.num_problems
-        probs = arithmetic_problems(digits=digits, ops=ops, num_problems=n, seed=arithmetic_defaults.seed,
-                                    instruction=default_instruction if instruction is None else instruction)
+            raise ValueError("digits must be an integer (arithmetic:DIGITS:OPS)") from None
+        ops = list(parts[2]) if len(parts) > 2 and parts[2] else list(a.ops)
+        probs = arithmetic_problems(digits=digits, ops=ops, num_problems=limit or a.num_problems, seed=a.seed,
+                                    instruction=data_cfg.instruction if instruction is None else instruction)
         return f"arithmetic-{digits}d-{''.join(ops)}", probs
     path = resolve_data_path(spec)
+    if instruction is None:
+        instruction = data_cfg.instruction if from_recipe else None
     probs = load_jsonl(path, instruction=instruction or None, max_problems=limit)
     return (spec if spec in BUILTIN_DATASETS else path.stem), probs
 
@@ -92,7 +97,7 @@ def eval_cmd(
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="first N problems of each data set"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the full report as JSON here"),
     instruction: Optional[str] = typer.Option(None, "--instruction",
-                                              help="appended to every prompt (default: the recipe's data.instruction for arithmetic, none for files)"),
+                                              help="appended to every prompt (default: the recipe's data.instruction; without --config the built-in one for arithmetic, none for files)"),
     seed: int = typer.Option(0, "--seed"),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="problems per engine call"),
     timeout: float = typer.Option(5.0, "--timeout", min=0.01, help="verifier seconds per check"),
@@ -119,8 +124,8 @@ def eval_cmd(
     datasets: list[tuple[str, list[Problem]]] = []
     for spec in data:
         try:
-            datasets.append(_load_dataset(spec, instruction=instruction, default_instruction=cfg.data.instruction,
-                                          limit=limit, arithmetic_defaults=cfg.data.arithmetic))
+            datasets.append(_load_dataset(spec, data_cfg=cfg.data, instruction=instruction,
+                                          from_recipe=config is not None, limit=limit))
         except (DataError, ValueError) as err:
             _fail(f"--data {spec}: {err}")
 
