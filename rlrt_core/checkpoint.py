@@ -56,7 +56,10 @@ def _optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
         state.setdefault(int(idx), {})[name] = value
     for idx, sc in meta.get("scalars", {}).items():
         state.setdefault(int(idx), {}).update(sc)
-    return {"state": state, "param_groups": meta["param_groups"]}
+    # JSON turns tuples into lists; optimizers keep e.g. `betas` as tuples.
+    groups = [{k: tuple(v) if k == "betas" and isinstance(v, list) else v for k, v in g.items()}
+              for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
 
 
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -205,6 +205,9 @@ class PolicyLearner:
                     lp, ent = self._logprobs([prompts[i] for i in idx], [responses[i] for i in idx], T,
                                              grad=True, with_entropy=algo.entropy_coef > 0)
                     m = mask[idx]
+                    if not (bool(torch.isfinite(lp[m]).all()) and bool(torch.isfinite(old_lp[idx][m]).all())):
+                        finite = False  # a non-finite forward pass: skip this update, count it
+                        break
                     loss, met = algorithms.policy_loss(
                         lp, old_lp[idx], tok_adv[idx], m, eps_low=algo.eps_low, eps_high=algo.eps_high,
                         behavior_logprobs=behavior[idx], is_cap=algo.is_cap, dual_clip=algo.dual_clip,

@@ -100,6 +100,13 @@ class LocalRun:
         cfg.transport.redis_url = redis_url
         cfg.transport.weights_port = weights_port
         cfg.metrics.run_dir = str(self.run_dir)
+        if not cfg.transport.weights_token and not cfg.transport.weights_token_file:
+            from rlrt_core.weights.server import ensure_token_file
+
+            # One random shared secret for the learner's weight service and its clients.
+            token_file = self.run_dir / "weights.token"
+            ensure_token_file(token_file)
+            cfg.transport.weights_token_file = str(token_file)
         self.cfg = cfg
         cfg_file = self.run_dir / "config.yaml"
         cfg_file.write_text(dump_config(cfg))

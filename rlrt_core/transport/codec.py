@@ -95,7 +95,9 @@ def validate(msg: Message) -> None:
                 raise MalformedMessage(f"RolloutGroup {msg.group_id!r} has {n} {field} for {k} completions")
         for i, s in enumerate(msg.teacher_scores):
             t = len(msg.completions[i].token_ids)
-            if len(s.student_logprobs) != t or len(s.teacher_logprobs) != t:
+            # An empty score is a rollout the method does not reweight (weight 1).
+            scored = len(s.student_logprobs) or len(s.teacher_logprobs)
+            if scored and (len(s.student_logprobs) != t or len(s.teacher_logprobs) != t):
                 raise MalformedMessage(f"RolloutGroup {msg.group_id!r} teacher score {i}: "
                                        f"{len(s.student_logprobs)}/{len(s.teacher_logprobs)} log-probs for {t} tokens")
 

@@ -53,31 +53,21 @@ class ServiceRuntime:
         self.state = ServiceState(service=service, run=self.run, worker=worker, registry=self.registry,
                                   admin_token=cfg.metrics.admin_token)
         self.admin = AdminServer(self.state, host=cfg.metrics.http_host, port=cfg.metrics.http_port)
-        self._redis = None
         self._bus = None
         self._registration: Path | None = None
 
     # -- lazily created connections ------------------------------------------------------
     @property
-    def redis(self):  # redis.Redis
-        if self._redis is None:
-            import redis
-
-            if not self.cfg.transport.redis_url:
-                raise RuntimeError("transport.redis_url (or REDIS_URL) must be set for a service")
-            self._redis = redis.Redis.from_url(self.cfg.transport.redis_url, socket_timeout=30,
-                                               socket_connect_timeout=10, health_check_interval=30)
-        return self._redis
-
-    @property
     def bus(self):  # rlrt_core.transport.streams.StreamBus
         if self._bus is None:
             from rlrt_core.transport.streams import StreamBus
 
-            t = self.cfg.transport
-            self._bus = StreamBus(self.redis, self.run, prefix=t.stream_prefix, maxlen=t.stream_maxlen,
-                                  claim_idle_ms=t.claim_idle_ms, max_deliveries=t.max_deliveries)
+            self._bus = StreamBus.from_config(self.cfg.transport, self.run)
         return self._bus
+
+    @property
+    def redis(self):  # redis.Redis (bytes responses), shared with the bus
+        return self.bus.client
 
     # -- lifecycle ---------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -145,8 +135,8 @@ class ServiceRuntime:
                 self._registration.unlink()
             except OSError:
                 pass
-        if self._redis is not None:
+        if self._bus is not None:
             try:
-                self._redis.close()
+                self._bus.client.close()
             except Exception:
                 log.debug("redis close failed", exc_info=True)

@@ -42,7 +42,9 @@ class WeightSync:
         (polling) until at least `min_version` is available or `stop()` says so."""
         while True:
             latest = self.announced()
-            if latest > self.version:
+            # Normally newer; a lower announced version means the run was restarted from
+            # scratch and our weights belong to a policy that no longer exists.
+            if latest >= 0 and latest != self.version:
                 t0 = time.perf_counter()
                 got = self._pull(latest)
                 if self.on_loaded is not None:
@@ -53,11 +55,7 @@ class WeightSync:
 
     def _pull(self, version: int) -> int:
         stream = self.client.stream(version)
-        got = version
-        # The client reports the version it actually streams (the latest, if ours is gone).
-        actual = getattr(stream, "version", None)
-        if actual is not None:
-            got = int(actual)
+        got = stream.version  # the latest, when the announced one is no longer kept
         self.load(stream, got)
         self.version = got
         log.info("loaded weight version %d", got)

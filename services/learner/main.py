@@ -33,6 +33,7 @@ from rlrt_core.metrics import RateWindow
 from rlrt_core.models import load_model
 from rlrt_core.proto import trajectory_pb2 as pb
 from rlrt_core.staleness import AdmissionController
+from rlrt_core.transport.streams import BackpressureError
 from services.common.runtime import ServiceRuntime
 
 log = logging.getLogger("rlrt.learner")
@@ -187,12 +188,13 @@ def run(cfg: RunConfig, worker: str) -> int:
         log.info("resumed from %s: step %d, version %d", ck, loaded.step, loaded.version)
 
     bus = rt.bus
-    bus.ensure_group(IN, GROUP)
-    bus.ensure_group("prompts", "rollout")
-    if ck is not None:
-        # Groups dispatched after the checkpoint are still in the pipeline (or were lost
-        # with the old process); count what is really there so admission stays exact.
-        admission.reconcile(bus.backlog(["prompts", "rollouts", "verified", "scored"]))
+    if ck is None:
+        # A fresh run: forget streams, dedupe sets and weight announcements that an earlier
+        # run of the same name left in this Redis (workers reload when versions go back).
+        removed = bus.delete_run()
+        if removed:
+            log.info("fresh run: removed %d stale Redis keys of run %r", removed, cfg.run_name)
+    bus.ensure_groups()
 
     server = WeightServer.from_config(cfg.transport)
     server.start()
@@ -237,7 +239,11 @@ def run(cfg: RunConfig, worker: str) -> int:
                 task.problem.solution = p.solution
             payloads.append(task.SerializeToString())
         if payloads:
-            bus.publish_many("prompts", payloads)
+            try:
+                bus.publish_many("prompts", payloads)
+            except BackpressureError as err:  # the bus is full: try again next round
+                log.warning("dispatch deferred: %s", err)
+                return 0
             admission.on_dispatched(len(payloads))
         return len(payloads)
 
@@ -252,7 +258,7 @@ def run(cfg: RunConfig, worker: str) -> int:
         state["step"] += 1
         state["version"] += 1
         publish(state["version"])
-        bus.ack_trained(IN, GROUP, [e for e, _, _ in batch], [tg.group_id for tg in groups])
+        bus.ack_many([e for e, _, _ in batch], dedupe_ids=[tg.group_id for tg in groups])
         admission.on_consumed(len(batch))
         totals["trained_groups"] += len(batch)
         totals["skipped_updates_total"] += res.skipped_updates
@@ -280,30 +286,35 @@ def run(cfg: RunConfig, worker: str) -> int:
         if state["step"] >= lc.total_steps:
             rt.stop_event.set()
             return False
+        # The bus knows exactly how many groups are still in the pipeline (each is one
+        # unfinished entry of one stage); this also repairs counts for dead-lettered groups.
+        admission.reconcile(bus.backlog())
         dispatched = dispatch()
-        entries = bus.consume(IN, GROUP, worker, count=lc.groups_per_step, block_ms=min(cfg.transport.block_ms, 500))
-        for e in entries:
-            g = pb.RolloutGroup()
-            try:
-                g.ParseFromString(e.payload)
-                tg = to_train_group(g)
-            except Exception as err:
-                bus.dead_letter(IN, GROUP, e, f"learner: bad RolloutGroup: {err}")
-                admission.on_consumed(1)
-                totals["dead"] += 1
-                continue
-            if bus.already_trained(g.group_id) or any(tg.group_id == b[1].group_id for b in state["buffer"]):
-                bus.ack_many(IN, GROUP, [e]) if not any(tg.group_id == b[1].group_id for b in state["buffer"]) else None
+        pairs = bus.consume_messages(IN, GROUP, worker, pb.RolloutGroup, count=lc.groups_per_step,
+                                     block_ms=min(cfg.transport.block_ms, 500))
+        done_before = bus.seen([g.group_id for _, g in pairs]) if pairs else []
+        buffered = {tg.group_id for _, tg, _ in state["buffer"]}
+        for (e, g), trained in zip(pairs, done_before):
+            if trained or g.group_id in buffered:  # never train on a group twice
+                bus.ack(e)
                 totals["duplicates"] += 1
                 continue
+            try:
+                tg = to_train_group(g)
+            except ValueError as err:
+                bus.dead_letter(e, f"learner: {err}")
+                m.dead_lettered.labels(reason="bad_rollout_group").inc()
+                totals["dead"] += 1
+                continue
             if admission.is_stale(tg.version, state["version"]):
-                bus.ack_many(IN, GROUP, [e])
-                admission.on_dropped(1)
+                bus.ack(e, dedupe_id=tg.group_id)
+                admission.on_dropped(1, lag=state["version"] - tg.version)
                 totals["dropped_stale"] += 1
                 m.dropped_stale.inc()
                 continue
-            kls = [s.position_kl_mean for s in g.teacher_scores if len(s.position_kl)]
+            kls = [sc.position_kl_mean for sc in g.teacher_scores if len(sc.position_kl)]
             state["buffer"].append((e, tg, sum(kls) / len(kls) if kls else None))
+            buffered.add(tg.group_id)
         if flags["checkpoint"] and len(state["buffer"]) < lc.groups_per_step:
             flags["checkpoint"] = False
             checkpoint()
@@ -311,7 +322,9 @@ def run(cfg: RunConfig, worker: str) -> int:
             train_step()
             return True
         m.inflight_groups.set(admission.in_flight)
-        return bool(entries) or dispatched > 0
+        if state["buffer"]:  # keep buffered entries ours while we wait for the rest of the batch
+            bus.touch([e for e, _, _ in state["buffer"]])
+        return bool(pairs) or dispatched > 0
 
     try:
         rt.loop(step)

@@ -54,23 +54,22 @@ def run(cfg: RunConfig, worker: str) -> int:
     rate = RateWindow()
 
     def step() -> bool:
-        entries = rt.bus.consume(IN, GROUP, worker, count=cfg.rollout.groups_per_batch, block_ms=cfg.transport.block_ms)
-        if not entries:
+        pairs = rt.bus.consume_messages(IN, GROUP, worker, pb.PromptTask, count=cfg.rollout.groups_per_batch,
+                                        block_ms=cfg.transport.block_ms)
+        if not pairs:
             sync.sync()  # idle: still pick up new weights
             return False
         tasks = []
-        for e in entries:
-            task = pb.PromptTask()
+        for e, task in pairs:
             try:
-                task.ParseFromString(e.payload)
                 if not task.group_id or not task.problem.prompt:
                     raise ValueError("PromptTask without group_id or problem.prompt")
                 prompt_ids = student_prompt_ids(tok, task.problem.prompt)
                 if len(prompt_ids) + 1 > cfg.model.max_model_len:
                     raise ValueError(f"prompt of {len(prompt_ids)} tokens exceeds model.max_model_len "
                                      f"({cfg.model.max_model_len})")
-            except Exception as err:  # malformed input: dead-letter it, keep the rest flowing
-                rt.bus.dead_letter(IN, GROUP, e, f"rollout: bad PromptTask: {err}")
+            except ValueError as err:  # bad input: dead-letter it, keep the rest flowing
+                rt.bus.dead_letter(e, f"rollout: bad PromptTask: {err}")
                 m.dead_lettered.labels(reason="bad_prompt_task").inc()
                 counters["dead"] += 1
                 continue
@@ -106,7 +105,7 @@ def run(cfg: RunConfig, worker: str) -> int:
             g.timestamps.generated_at = now
             g.timestamps.generation_s = gen_s
             outputs.append((e, g.SerializeToString()))
-        rt.bus.ack_with_outputs(IN, GROUP, [e for e, _ in outputs], OUT, [p for _, p in outputs])
+        rt.bus.ack_many([e for e, _ in outputs], outputs=[[(OUT, p)] for _, p in outputs])
         counters["groups"] += len(outputs)
         counters["completions"] += sum(len(r.completions) for r in results)
         counters["tokens"] += n_tok

@@ -149,18 +149,14 @@ def run(cfg: RunConfig, worker: str) -> int:
 
     def step() -> bool:
         sync.sync()
-        entries = rt.bus.consume(IN, GROUP, worker, count=4, block_ms=cfg.transport.block_ms)
-        if not entries:
+        pairs = rt.bus.consume_messages(IN, GROUP, worker, pb.RolloutGroup, count=4,
+                                        block_ms=cfg.transport.block_ms)
+        if not pairs:
             return False
         done, outputs = [], []
-        for e in entries:
-            g = pb.RolloutGroup()
-            try:
-                g.ParseFromString(e.payload)
-                if len(g.verifier_results) != len(g.completions):
-                    raise ValueError(f"{len(g.completions)} completions but {len(g.verifier_results)} verifier results")
-            except Exception as err:
-                rt.bus.dead_letter(IN, GROUP, e, f"teacher: bad RolloutGroup: {err}")
+        for e, g in pairs:
+            if len(g.verifier_results) != len(g.completions):
+                rt.bus.dead_letter(e, f"teacher: {len(g.completions)} completions but {len(g.verifier_results)} verifier results")
                 m.dead_lettered.labels(reason="bad_rollout_group").inc()
                 counters["dead"] += 1
                 continue
@@ -173,7 +169,7 @@ def run(cfg: RunConfig, worker: str) -> int:
             outputs.append(g.SerializeToString())
             counters["groups"] += 1
         if done:
-            rt.bus.ack_with_outputs(IN, GROUP, done, OUT, outputs)
+            rt.bus.ack_many(done, outputs=[[(OUT, p)] for p in outputs])
         return True
 
     try:

@@ -37,18 +37,14 @@ def run(cfg: RunConfig, worker: str) -> int:
     rt.set_ready(True)
 
     def step() -> bool:
-        entries = rt.bus.consume(IN, GROUP, worker, count=8, block_ms=cfg.transport.block_ms)
-        if not entries:
+        pairs = rt.bus.consume_messages(IN, GROUP, worker, pb.RolloutGroup, count=8,
+                                        block_ms=cfg.transport.block_ms)
+        if not pairs:
             return False
         done, outputs = [], []
-        for e in entries:
-            g = pb.RolloutGroup()
-            try:
-                g.ParseFromString(e.payload)
-                if not g.completions:
-                    raise ValueError("RolloutGroup has no completions")
-            except Exception as err:
-                rt.bus.dead_letter(IN, GROUP, e, f"verifier: bad RolloutGroup: {err}")
+        for e, g in pairs:
+            if not g.completions:
+                rt.bus.dead_letter(e, "verifier: RolloutGroup has no completions")
                 m.dead_lettered.labels(reason="bad_rollout_group").inc()
                 counters["dead"] += 1
                 continue
@@ -75,7 +71,7 @@ def run(cfg: RunConfig, worker: str) -> int:
             counters["groups"] += 1
             counters["completions"] += len(results)
         if done:
-            rt.bus.ack_with_outputs(IN, GROUP, done, OUT, outputs)
+            rt.bus.ack_many(done, outputs=[[(OUT, p)] for p in outputs])
         return True
 
     try:

@@ -1,0 +1,133 @@
+"""The policy update (rlrt_core.learner) and checkpoints on a real (tiny) model."""
+
+import math
+
+import pytest
+import torch
+
+from rlrt_core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from rlrt_core.config import AlgorithmConfig, LearnerConfig
+from rlrt_core.learner import PolicyLearner, TrainGroup, TrainSample
+from rlrt_core.models import load_model
+from rlrt_core.scoring import score_tokens
+
+
+@pytest.fixture(scope="module")
+def tiny_path():
+    from rlrt_core.models import resolve_model_path
+
+    return str(resolve_model_path("tiny"))
+
+
+def _learner(tiny_path, method="rlrt", lr=1e-3, **lc):
+    torch.manual_seed(0)
+    model = load_model(tiny_path)
+    cfg = LearnerConfig(lr=lr, warmup_steps=0, groups_per_step=2, mini_batch_groups=2, micro_batch_size=4, **lc)
+    return PolicyLearner(model, cfg, AlgorithmConfig(method=method, lam_init=0.5, eps_w=0.5))
+
+
+PROMPT = [1, 42, 77, 190, 12]
+GOOD = [300, 301, 302]
+BAD = [400, 401]
+
+
+def _groups(learner, *, teacher_shift=0.0):
+    """Two groups: GOOD completions rewarded, BAD ones not; behaviour log-probs from the model."""
+    res = score_tokens(learner.model, [PROMPT] * 4, [GOOD, BAD, GOOD, BAD])
+    groups = []
+    for g in range(2):
+        samples = []
+        for k, resp in enumerate([GOOD, BAD, GOOD, BAD]):
+            lp = res.logprobs[k, : len(resp)].tolist()
+            samples.append(TrainSample(prompt_ids=PROMPT, response_ids=resp, behavior_logprobs=lp,
+                                       reward=1.0 if resp is GOOD else 0.0, student_logprobs=lp,
+                                       teacher_logprobs=[x - teacher_shift for x in lp]))
+        groups.append(TrainGroup(group_id=f"g{g}", version=0, samples=samples))
+    return groups
+
+
+@pytest.mark.parametrize("method", ["grpo", "rlsd", "rlrt", "rlrt_all"])
+def test_step_moves_probability_towards_rewarded_completion(tiny_path, method):
+    learner = _learner(tiny_path, method=method)
+    before = score_tokens(learner.model, [PROMPT, PROMPT], [GOOD, BAD]).logprobs
+    for _ in range(3):
+        result = learner.step(_groups(learner, teacher_shift=0.3))
+        assert result.applied_updates == 1 and result.skipped_updates == 0
+    after = score_tokens(learner.model, [PROMPT, PROMPT], [GOOD, BAD]).logprobs
+    assert after[0, :3].sum() > before[0, :3].sum() + 0.05, "rewarded completion must become likelier"
+    assert after[1, :2].sum() < before[1, :2].sum() - 0.05, "unrewarded completion must become less likely"
+    m = result.metrics
+    for key in ("reward/mean", "length/mean", "optim/lr", "optim/lambda", "loss/clip_frac", "loss/is_weight_mean",
+                "loss/is_weight_max", "loss/approx_kl", "tokens/trained"):
+        assert key in m and math.isfinite(m[key]), key
+    assert m["reward/mean"] == pytest.approx(0.5)
+    assert m["groups/mixed_fraction"] == 1.0
+    if method != "grpo":
+        # teacher log-probs are 0.3 below the student's: D̂ = +0.3 on every token
+        assert m["rlrt/d_hat_mean"] == pytest.approx(0.3, abs=1e-4)
+        expected_up = 1.0 if method in ("rlrt", "rlrt_all") else 0.0
+        assert m["rlrt/upweighted_frac"] == pytest.approx(expected_up)
+
+
+def test_non_finite_gradient_skips_update_and_keeps_weights(tiny_path):
+    learner = _learner(tiny_path)
+    groups = _groups(learner)
+    # a non-finite parameter makes loss and gradients non-finite for this step
+    emb = learner.model.get_input_embeddings().weight
+    with torch.no_grad():
+        emb[PROMPT[1], 0] = float("inf")
+    snapshot = {k: v.detach().clone() for k, v in learner.model.state_dict().items()}
+    result = learner.step(groups)
+    assert result.skipped_updates == 1 and result.applied_updates == 0
+    assert learner.skipped_updates_total == 1
+    for k, v in learner.model.state_dict().items():
+        assert torch.equal(v, snapshot[k]) or (torch.isinf(v) == torch.isinf(snapshot[k])).all(), k
+
+
+def test_mismatched_logprobs_refused(tiny_path):
+    learner = _learner(tiny_path)
+    bad = TrainGroup("x", 0, [TrainSample(PROMPT, GOOD, [0.0], 1.0), TrainSample(PROMPT, BAD, [0.0, 0.0], 0.0)])
+    with pytest.raises(ValueError, match="behaviour log-probs"):
+        learner.step([bad])
+
+
+def test_checkpoint_roundtrip_is_exact(tiny_path, tmp_path):
+    learner = _learner(tiny_path)
+    learner.step(_groups(learner))
+    path = save_checkpoint(tmp_path, step=1, version=1, model=learner.model, optimizer=learner.optimizer,
+                           scheduler=learner.scheduler, extra={"learner": learner.state(), "cursor": {"index": 7}})
+    assert latest_checkpoint(tmp_path) == path
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)  # disturb RNG; load must restore it
+
+    other = _learner(tiny_path)
+    ck = load_checkpoint(path, model=other.model, optimizer=other.optimizer, scheduler=other.scheduler)
+    assert (ck.step, ck.version, ck.state["extra"]["cursor"]["index"]) == (1, 1, 7)
+    assert torch.equal(torch.rand(3), expected_next)
+    for (k, a), (_, b) in zip(learner.model.state_dict().items(), other.model.state_dict().items()):
+        assert torch.equal(a, b), k
+    sa, sb = learner.optimizer.state_dict(), other.optimizer.state_dict()
+    assert sa["param_groups"] == sb["param_groups"]
+    for idx, st in sa["state"].items():
+        for name, v in st.items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(sb["state"][idx][name])), (idx, name)
+    assert learner.scheduler.state_dict() == other.scheduler.state_dict()
+    # the same next step from both gives the same weights
+    other.load_state(ck.state["extra"]["learner"])
+    learner.step(_groups(learner))
+    other.step(_groups(other))
+    for (k, a), (_, b) in zip(learner.model.state_dict().items(), other.model.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-6), k
+
+
+def test_checkpoint_keeps_only_the_newest(tiny_path, tmp_path):
+    model = load_model(tiny_path)
+    for step in range(1, 5):
+        save_checkpoint(tmp_path, step=step, version=step, model=model, keep=2)
+    names = sorted(p.name for p in tmp_path.glob("step_*"))
+    assert names == ["step_000003", "step_000004"]
+    assert latest_checkpoint(tmp_path).name == "step_000004"
+    # a half-written checkpoint (no state.json) is never picked
+    (tmp_path / "step_000009").mkdir()
+    (tmp_path / "latest").unlink()
+    assert latest_checkpoint(tmp_path).name == "step_000004"
