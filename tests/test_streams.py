@@ -165,10 +165,14 @@ def test_delivery_limit_dead_letters(make_bus) -> None:
 def test_restarted_consumer_gets_its_pending_back(make_bus) -> None:
     bus = make_bus()
     bus.ensure_groups()
-    bus.publish_many("prompts", [b"a", b"b"])
-    assert len(bus.consume("prompts", "rollout", "stable-name")) == 2
-    again = make_bus().consume("prompts", "rollout", "stable-name", block_ms=0)  # a new process, same name
-    assert [e.payload for e in again] == [b"a", b"b"] and all(e.deliveries == 2 for e in again)
+    bus.publish_many("prompts", [b"a", b"b", b"c", b"d", b"e"])
+    assert len(bus.consume("prompts", "rollout", "stable-name", count=5)) == 5
+    bus.publish("prompts", b"new")
+    again = make_bus()  # a new process with the same consumer name
+    pages = [[e.payload for e in again.consume("prompts", "rollout", "stable-name", count=2, block_ms=0)]
+             for _ in range(4)]
+    assert pages == [[b"a", b"b"], [b"c", b"d"], [b"e", b"new"], []]
+    assert again.consume("prompts", "rollout", "other", count=9, block_ms=0) == []  # not idle: nothing to reclaim
 
 
 def test_trimming_never_drops_needed_entries(make_bus) -> None:

@@ -41,6 +41,7 @@ def small_state(seed: int = 0) -> dict[str, torch.Tensor]:
         "counter": torch.tensor(7, dtype=torch.int64),                            # 0-dim
         "empty": torch.zeros(0, 5),
         "mask": torch.rand(3, 3, generator=g) > 0.5,
+        "lm_head.weight": torch.randn(48, 8, generator=g).t(),                    # not contiguous
     }
 
 
@@ -64,7 +65,8 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
 
 def test_stream_round_trip_incremental(server: WeightServer) -> None:
     sd = small_state()
-    checksum = server.publish(3, sd)
+    server.publish(3, sd)
+    checksum = server.checksum(3)
     with client_for(server) as c:
         info = c.version_info()
         assert (info.version, info.num_tensors, info.checksum) == (3, len(sd), checksum)
@@ -130,6 +132,7 @@ def test_nothing_published_yet(server: WeightServer) -> None:
 
 def test_checksum_mismatch_is_reported_at_the_end(server: WeightServer) -> None:
     server.publish(1, small_state())
+    server.checksum(1)  # wait for the background hash, then corrupt what is served
     buf = server._versions[1].buffer  # fault injection: flip one byte of the served copy
     buf[-1] ^= 0xFF
     with client_for(server) as c:
@@ -263,9 +266,34 @@ def test_smollm2_version_streamed_and_verified(tmp_path: Path) -> None:
     n_params = sum(t.numel() for t in sd.values())
     assert n_params > 100e6
     with WeightServer(token=TOKEN) as s:
-        checksum = s.publish(1, sd)
+        s.publish(1, sd)
+        checksum = s.checksum(1)
         with WeightClient(s.address, token=TOKEN) as c:
             stream = c.stream(1)
             for name, tensor in stream:
                 assert torch.equal(tensor, sd[name]), name
             assert stream.checksum == checksum and stream.num_tensors == len(sd)
+
+
+def test_evicted_buffers_are_reused_only_when_unread(server: WeightServer, tmp_path: Path) -> None:
+    server.publish(1, small_state(1))
+    first = server._versions[1].buffer
+    with client_for(server) as c:
+        stream = c.stream(1)
+        got = dict([next(stream)])  # a worker is still pulling version 1 ...
+        server.publish(2, small_state(2))
+        server.publish(3, small_state(3))  # ... when it is evicted: its buffer must not be reused yet
+        assert server._spare is None
+        got.update(stream)
+        assert_same({k: got[k] for k in small_state(1)}, small_state(1)) and stream.checksum is not None
+        deadline = time.monotonic() + 5
+        while server._spare is not first and time.monotonic() < deadline:
+            time.sleep(0.01)  # the server-side stream finishes just after the client's last read
+        assert server._spare is first
+        server.publish(4, small_state(4))  # reuses it, fully rewritten
+        assert server._versions[4].buffer is first
+        assert_same(c.fetch_state_dict(4)[1], small_state(4))
+    path = server.write_safetensors(4, tmp_path / "v4.safetensors")
+    from safetensors.torch import load_file
+
+    assert_same(load_file(path), {k: v.contiguous() for k, v in small_state(4).items()})

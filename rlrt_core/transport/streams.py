@@ -227,7 +227,9 @@ class StreamBus:
         self._trim_script = client.register_script(_TRIM_LUA)
         self._touch_script = client.register_script(_TOUCH_LUA)
         self._groups: set[tuple[str, str]] = set()
-        self._own_history: set[tuple[str, str, str]] = set()  # (name, group, consumer) already re-read
+        # (name, group, consumer) -> id after which to re-read own pending entries; absent = done.
+        self._own_history: dict[tuple[str, str, str], str] = {}
+        self._known_consumers: set[tuple[str, str, str]] = set()
         self._acks_since_trim: dict[str, int] = {}
         self.reconnects = 0
 
@@ -282,7 +284,7 @@ class StreamBus:
                 delay = min(delay * 2, 2.0)
                 self.reconnects += 1
                 # Replies may have been lost: re-read own pending entries on the next consume.
-                self._own_history.clear()
+                self._own_history = {k: "0" for k in self._known_consumers}
             except redis.ResponseError as err:
                 if "NOGROUP" not in str(err) or regrouped:
                     raise
@@ -386,9 +388,15 @@ class StreamBus:
         return self._screen(entries)
 
     def _own_pending(self, name: str, group: str, consumer: str, count: int) -> list[Entry]:
+        """This consumer's own pending entries, `count` at a time, until all were re-read."""
         key = self.key(name)
-        res = self.client.xreadgroup(group, consumer, {key: "0"}, count=count)
+        mark = (name, group, consumer)
+        res = self.client.xreadgroup(group, consumer, {key: self._own_history[mark]}, count=count)
         raw = res[0][1] if res else []
+        if len(raw) < count:
+            del self._own_history[mark]
+        else:
+            self._own_history[mark] = _s(raw[-1][0])
         if not raw:
             return []
         ids = [_s(i) for i, _ in raw]
@@ -410,12 +418,15 @@ class StreamBus:
             self.ensure_group(name, group)
         block = self.block_ms if block_ms is None else block_ms
 
+        mark = (name, group, consumer)
+        if mark not in self._known_consumers:  # first use in this process: re-read what it left pending
+            self._known_consumers.add(mark)
+            self._own_history[mark] = "0"
+
         def run() -> list[Entry]:
             out: list[Entry] = []
-            mark = (name, group, consumer)
-            if mark not in self._own_history:
+            if mark in self._own_history:
                 out.extend(self._own_pending(name, group, consumer, count))
-                self._own_history.add(mark)
             if len(out) < count:
                 out.extend(self._reclaim(name, group, consumer, count - len(out)))
             if len(out) < count:

@@ -15,6 +15,8 @@ version). `fetch_state_dict` verifies before returning anything.
 from __future__ import annotations
 
 import logging
+from collections import deque
+from concurrent import futures
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -27,6 +29,8 @@ from rlrt_core.transport.codec import MalformedMessage, VersionHasher, tensor_fr
 from rlrt_core.weights.server import AUTH_HEADER, MD_REQUESTED, MD_SUBSTITUTED, MD_VERSION, load_token, max_message_bytes
 
 log = logging.getLogger(__name__)
+
+_HASH_BACKLOG = 8  # chunks waiting for the verify thread
 
 
 class WeightServiceError(RuntimeError):
@@ -103,7 +107,17 @@ class WeightStream(Iterator[tuple[str, torch.Tensor]]):
         self._call.cancel()
 
     def _pairs(self) -> Iterator[tuple[str, torch.Tensor]]:
+        # Hashing runs on a helper thread (hashlib releases the GIL) while the next chunks
+        # arrive; at most `_HASH_BACKLOG` chunks wait for it, which bounds the extra memory.
         hasher = VersionHasher()
+        pending: deque[futures.Future] = deque()
+        pool = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="weights-verify")
+
+        def submit(fn: Any, *args: Any) -> None:
+            pending.append(pool.submit(fn, *args))
+            while len(pending) > _HASH_BACKLOG:
+                pending.popleft().result()
+
         name, dtype, shape = "", "", ()
         buf: bytearray | None = None
         filled = 0
@@ -112,6 +126,8 @@ class WeightStream(Iterator[tuple[str, torch.Tensor]]):
                 if chunk.final:
                     if buf is not None:
                         raise WeightStreamError(f"stream ended inside tensor {name!r} ({filled}/{len(buf)} bytes)")
+                    while pending:
+                        pending.popleft().result()
                     got = hasher.hexdigest()
                     if got != chunk.checksum:
                         raise ChecksumMismatchError(
@@ -121,22 +137,24 @@ class WeightStream(Iterator[tuple[str, torch.Tensor]]):
                     return
                 if chunk.version != self.version:
                     raise WeightStreamError(f"chunk of version {chunk.version} inside the stream of {self.version}")
+                data = chunk.data
                 if chunk.offset == 0:
                     if buf is not None:
                         raise WeightStreamError(f"tensor {name!r} incomplete when {chunk.name!r} started")
                     name, dtype, shape = chunk.name, chunk.dtype, tuple(chunk.shape)
-                    buf = bytearray(chunk.tensor_bytes)
-                    filled = 0
-                    hasher.begin_tensor(name, dtype, shape, chunk.tensor_bytes)
+                    # A tensor in one chunk is copied once; a larger one is assembled in place.
+                    buf = bytearray(data) if len(data) == chunk.tensor_bytes else bytearray(chunk.tensor_bytes)
+                    filled = len(data) if len(data) == chunk.tensor_bytes else 0
+                    submit(hasher.begin_tensor, name, dtype, shape, chunk.tensor_bytes)
                 elif buf is None or chunk.name != name or chunk.offset != filled:
                     raise WeightStreamError(f"out-of-order chunk: {chunk.name!r} at offset {chunk.offset}, "
                                             f"expected {name!r} at {filled}")
-                data = chunk.data
-                if filled + len(data) > len(buf):
-                    raise WeightStreamError(f"tensor {name!r} overflows its {len(buf)} bytes")
-                buf[filled: filled + len(data)] = data
-                hasher.update(data)
-                filled += len(data)
+                if filled != len(buf) or chunk.offset != 0:
+                    if filled + len(data) > len(buf):
+                        raise WeightStreamError(f"tensor {name!r} overflows its {len(buf)} bytes")
+                    buf[filled: filled + len(data)] = data
+                    filled += len(data)
+                submit(hasher.update, data)
                 self.bytes_received += len(data)
                 if filled == len(buf):
                     try:
@@ -148,6 +166,8 @@ class WeightStream(Iterator[tuple[str, torch.Tensor]]):
                     yield name, tensor
         except grpc.RpcError as err:
             raise _wrap(err, self._target, f"StreamWeights(version {self.version})") from None
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
         raise WeightStreamError(f"weight stream of version {self.version} from {self._target} ended "
                                 "before its final message")
 
