@@ -13,6 +13,7 @@ substitution is literal, so braces in problems or solutions (LaTeX `\\boxed{}`) 
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 DEFAULT_STUDENT_TEMPLATE = "{problem}"
@@ -36,12 +37,12 @@ def render_template(template: str, **fields: str) -> str:
         raise ValueError(
             f"prompt template lacks placeholder(s) {', '.join('{' + m + '}' for m in missing)}: {template!r}"
         )
-    out = template
     for name, value in fields.items():
         if not isinstance(value, str):
             raise ValueError(f"prompt field {name!r} must be a string, got {type(value).__name__}")
-        out = out.replace("{" + name + "}", value)
-    return out
+    # one pass, so a problem that itself contains "{context}" is left as written
+    pattern = re.compile("|".join(re.escape("{" + name + "}") for name in fields))
+    return pattern.sub(lambda m: fields[m.group(0)[1:-1]], template)
 
 
 def chat_ids(tokenizer: Any, user_text: str) -> list[int]:

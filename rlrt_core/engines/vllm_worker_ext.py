@@ -37,8 +37,9 @@ def _find(model: Any, suffix: str) -> Any:
 class WeightUpdateExtension:
     """Methods run inside every vLLM worker (`self` is the worker)."""
 
-    def rlrt_reload_weights(self, path: str) -> dict[str, Any]:
-        """Reload all weights from the safetensors file at `path`; returns what was done."""
+    def rlrt_reload_weights(self, path: str, reprocess_tied_lm_head: bool = True) -> dict[str, Any]:
+        """Reload all weights from the safetensors file at `path`; returns what was done.
+        `reprocess_tied_lm_head=False` exists only to demonstrate the stale-lm_head failure."""
         self.reload_weights(weights_iterator=_safetensors_iter(path), is_checkpoint_format=True)
         model = self.model_runner.get_model()
         lm_head = _find(model, "lm_head")
@@ -49,7 +50,7 @@ class WeightUpdateExtension:
                 lm_head.weight.untyped_storage().data_ptr() == embed.weight.untyped_storage().data_ptr()
             )
             quant = getattr(lm_head, "quant_method", None)
-            if tied and quant is not None and hasattr(quant, "process_weights_after_loading"):
+            if reprocess_tied_lm_head and tied and quant is not None and hasattr(quant, "process_weights_after_loading"):
                 quant.process_weights_after_loading(lm_head)
                 reprocessed = True
         return {"lm_head_reprocessed": reprocessed}
