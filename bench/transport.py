@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import random
-import statistics
 import time
 import uuid
 

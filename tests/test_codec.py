@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import torch
 
+from rlrt_core.data import Problem
+from rlrt_core.engines import Completion, GenerationResult
 from rlrt_core.proto import trajectory_pb2 as pb
+from rlrt_core.reward import VerifyResult
 from rlrt_core.transport import codec
 
 
@@ -33,42 +34,17 @@ def test_tensor_bad_input_names_problem() -> None:
         codec.tensor_from_proto(pb.Tensor(dtype="Q4", shape=[1], data=bytes(1)))
 
 
-# The dataclasses of rlrt_core.engines / reward / data are read by attribute; these mirror
-# the agreed interfaces (docs in notes/interfaces.md) so this test does not depend on them.
-@dataclass
-class _Completion:
-    token_ids: list[int]
-    logprobs: list[float]
-    finish_reason: str
-    text: str
-
-
-@dataclass
-class _Generation:
-    prompt_ids: list[int]
-    completions: list[_Completion]
-    version: int
-
-
-@dataclass
-class _Verify:
-    reward: float
-    extracted: str | None
-    reason: str | None
-    timed_out: bool
-
-
 def _pipeline_group() -> pb.RolloutGroup:
-    task = codec.prompt_task("g1", "run", {"id": "p1", "prompt": "2+3=", "answer": "5", "solution": None},
+    task = codec.prompt_task("g1", "run", Problem(id="p1", prompt="2+3=", answer="5"),
                              n_samples=3, min_version=4, dispatched_at=10.0)
-    gen = _Generation(prompt_ids=[1, 2, 3], version=5, completions=[
-        _Completion([7, 8, 9], [-0.1, -0.2, -0.3], "stop", "5"),
-        _Completion([7], [-1.5], "stop", "6"),
-        _Completion([7, 8], [-0.5, -0.25], "length", "55"),
+    gen = GenerationResult(prompt_ids=[1, 2, 3], version=5, completions=[
+        Completion([7, 8, 9], [-0.1, -0.2, -0.3], "stop", "5"),
+        Completion([7], [-1.5], "stop", "6"),
+        Completion([7, 8], [-0.5, -0.25], "length", "55"),
     ])
     g = codec.rollout_group(task, gen, engine="torch", worker_id="w0", generation_s=1.5)
-    codec.set_verifier_results(g, [_Verify(1.0, "5", None, False), _Verify(0.0, "6", "wrong", False),
-                                   _Verify(0.0, None, "timeout", True)])
+    codec.set_verifier_results(g, [VerifyResult(1.0, "5", None, False), VerifyResult(0.0, "6", "wrong", False),
+                                   VerifyResult(0.0, None, "timeout", True)])
     student = torch.tensor([[-0.1, -0.2, -0.3], [-1.5, 0.0, 0.0], [-0.5, -0.25, 0.0]])
     teacher = student - 0.5
     kl = torch.rand(3, 3)
@@ -97,8 +73,9 @@ def test_stage_helpers_and_group_tensors() -> None:
 
 def test_rollout_group_refuses_stale_engine() -> None:
     task = codec.prompt_task("g", "run", {"id": "p", "prompt": "q", "answer": "a"}, n_samples=1, min_version=3)
+    assert not task.problem.HasField("solution")  # a plain mapping works too
     with pytest.raises(ValueError, match="min_version 3"):
-        codec.rollout_group(task, _Generation([1], [_Completion([2], [-1.0], "stop", "x")], version=2),
+        codec.rollout_group(task, GenerationResult([1], [Completion([2], [-1.0], "stop", "x")], version=2),
                             engine="torch", worker_id="w")
 
 
