@@ -388,3 +388,21 @@ def test_redis_restart_without_persistence_recreates_groups(private_redis) -> No
     [e] = bus.consume("prompts", "rollout", "w")
     assert e.payload == b"after" and bus.ack(e) == AckStatus.OK
     assert bus.reconnects >= 1
+
+
+def test_acl_user_credentials_from_the_url(private_redis) -> None:
+    server = private_redis(persistent=False)
+    admin = redis.Redis.from_url(server.url)
+    admin.execute_command("ACL", "SETUSER", "worker", "on", ">s3cret", "~acl:*", "+@all")
+    admin.execute_command("ACL", "SETUSER", "default", "off")  # only the ACL user may connect now
+    url = f"redis://worker:s3cret@127.0.0.1:{server.port}/0"
+    bus = StreamBus.from_url(url, "run", prefix="acl", block_ms=50)
+    bus.ensure_groups()
+    bus.publish("prompts", b"x")
+    [e] = bus.consume("prompts", "rollout", "w")
+    assert bus.ack(e, [("rollouts", b"y")]) == AckStatus.OK
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis.from_url(f"redis://worker:wrong@127.0.0.1:{server.port}/0").ping()
+    outside = StreamBus.from_url(url, "run", prefix="other", block_ms=50, reconnect_timeout_s=1)
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        outside.publish("prompts", b"x")  # keys outside the user's pattern are refused, not retried
