@@ -103,8 +103,10 @@ def _register_action(app: FastAPI, name: str, body_model: type[BaseModel] | None
             return handler(None)
         app.post(f"/admin/{name}")(endpoint_nobody)
     else:
-        def endpoint(body: body_model, _auth: None = Depends(require_token)) -> dict[str, Any]:  # type: ignore[valid-type]
+        def endpoint(body, _auth: None = Depends(require_token)) -> dict[str, Any]:
             return handler(body)
+        # Real class objects, not postponed strings: FastAPI reads them to parse the body.
+        endpoint.__annotations__ = {"body": body_model, "_auth": None, "return": dict[str, Any]}
         app.post(f"/admin/{name}")(endpoint)
 
 
