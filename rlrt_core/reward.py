@@ -88,9 +88,10 @@ _HASH_LINE = re.compile(r"^[ \t]*####[ \t]*(.*)$", re.MULTILINE)
 # the rest of its sentence.
 _ANSWER_MARK = re.compile(r"(?i)answer\s+is\s*:?|\banswer\s*:")
 _SENTENCE_END = re.compile(r"[.;!?](?=\s|$)|,\s|\n")
-# "42 apples" / "$18 per day": a number followed by words is the number.
-_NUMBER_THEN_WORDS = re.compile(r"^(\\?\$?\s*-?(?:\d[\d,]*)?\.?\d+)\s+[A-Za-z]{2,}")
-_HOPE = re.compile(r"(?i)\.?\s*I hope it is correct\.?\s*$")
+# "42 apples" / "$18 per day": a number followed by words is the number. Possessive
+# quantifiers keep every pattern that runs on model text linear-time (no backtracking).
+_NUMBER_THEN_WORDS = re.compile(r"(\\?\$?[ \t]*+-?(?:\d[\d,]*+(?:\.\d++)?|\.\d++))[ \t]++[A-Za-z]{2}")
+_HOPE = "i hope it is correct"
 # Numbers: with thousands separators, decimals, or a bare decimal part. A minus sign
 # counts only when it does not follow a word character ("5-3" ends in 3, not -3).
 _NUMBER = re.compile(r"(?:(?<![\w.])-)?(?:\d{1,3}(?:,\d{3})+(?!\d)(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)")
@@ -149,24 +150,33 @@ def last_boxed(text: str) -> str | None:
     return found[0] if found else None
 
 
+def _strip_hope(text: str) -> str:
+    """Drop Minerva's trailing "I hope it is correct." (string ops: linear on any input)."""
+    t = text.rstrip().rstrip(".").rstrip()
+    if t[-len(_HOPE):].lower() == _HOPE:
+        return t[:-len(_HOPE)].rstrip()
+    return text.strip()
+
+
 def _clean(ans: str) -> str:
     """Trim wrappers a model puts around a final answer: `$...$`, `\\(...\\)`, `**`, a final
     full stop, Minerva's "I hope it is correct"."""
-    ans = _HOPE.sub("", ans).strip()
-    prev = None
-    while ans != prev:
+    ans = _strip_hope(ans)
+    for _ in range(4):  # bounded: each round is linear, nested wrappers are rare
         prev = ans
-        ans = ans.strip().strip("*").rstrip(".").strip()
+        ans = ans.lstrip(" \t\r\n*").rstrip(" \t\r\n*.")
         for left, right in (("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
             if len(ans) >= len(left) + len(right) and ans.startswith(left) and ans.endswith(right):
                 ans = ans[len(left):len(ans) - len(right)]
+        if ans == prev:
+            break
     return ans
 
 
 def _answer_phrase(rest: str) -> str:
     """The answer after an "answer is" marker: up to the end of its sentence, a leading
     number when words follow it ("42 apples")."""
-    rest = _HOPE.sub("", rest.split("\n", 1)[0])
+    rest = _strip_hope(rest.split("\n", 1)[0])
     # `$...$` may hold sentence punctuation ("$1,5$"): cut only outside math.
     i, n, in_math = 0, len(rest), False
     while i < n:

@@ -87,6 +87,28 @@ def test_extract_last_number_none_and_bad_mode():
         extract_answer("1", mode="nope")  # type: ignore[arg-type]
 
 
+ADVERSARIAL = {
+    "spaces": "The answer is $" + " " * 200_000,
+    "digits": "The answer is " + "1" * 200_000 + "x",
+    "digit words": "The answer is 1" + "1" * 200_000 + " apples",
+    "dots": "#### 5" + " ." * 100_000,
+    "dollars": "#### " + "$" * 100_000 + "5" + "$" * 100_000,
+    "braces": "\\boxed{" + "{" * 200_000,
+    "boxes": "\\boxed{1}" * 50_000,
+    "commas": "answer: " + "1," * 100_000,
+}
+
+
+@pytest.mark.parametrize("name", list(ADVERSARIAL))
+def test_extraction_is_linear_time(name):
+    # Extraction runs on raw model text, also in the parent process (timeout reports), so
+    # no input may make it backtrack: 200k characters must take well under a second.
+    for mode in ("boxed", "last_number"):
+        t0 = time.perf_counter()
+        extract_answer(ADVERSARIAL[name], mode=mode)
+        assert time.perf_counter() - t0 < 1.5, (name, mode)
+
+
 def test_last_boxed_nested_and_escaped():
     assert last_boxed("a \\boxed{x^{2}} b \\boxed{\\left\\{ 1 \\right\\}}") == "\\left\\{ 1 \\right\\}"
     assert last_boxed("no box") is None
