@@ -102,7 +102,7 @@ def _chunk_scores(head: torch.nn.Module, softcap: float | None, temperature: flo
         logits = torch.tanh(logits / softcap) * softcap
     if temperature != 1.0:
         logits = logits / temperature
-    logp = logits - torch.logsumexp(logits, dim=-1, keepdim=True)  # [n, V]
+    logp = torch.log_softmax(logits, dim=-1)  # [n, V]; fused forward and backward kernels
     del logits
     out: list[Tensor] = [logp.gather(-1, y[:, None]).squeeze(-1)]
     if with_entropy:
@@ -116,7 +116,7 @@ def _chunk_scores(head: torch.nn.Module, softcap: float | None, temperature: flo
 
 def score_tokens(model: Any, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]], *,
                  temperature: float = 1.0, with_entropy: bool = False, topk: int = 0, chunk_size: int = 256,
-                 grad: bool = False) -> ScoreResult:
+                 grad: bool = False, share_prefix: bool = True) -> ScoreResult:
     """Log-probs of `response_ids[i]` following `prompt_ids[i]`, chunked over scored positions.
 
     prompt_ids: B lists of ids (any lengths >= 1); response_ids: B lists (may be empty).
@@ -126,6 +126,9 @@ def score_tokens(model: Any, prompt_ids: Sequence[Sequence[int]], response_ids: 
     chunk_size: scored token positions (over the whole batch) per lm_head chunk; peak extra memory
         is about 2-3 x chunk_size x V x 4 bytes.
     grad: keep autograd (learner); each chunk is checkpointed so backward also stays chunked.
+    share_prefix: when rows repeat a prompt (the K samples of a GRPO group), run each distinct
+        prompt once and its responses on the repeated KV cache: same values, about K x less
+        prompt compute (see `_hidden_shared_prefix`).
     Returns a ScoreResult of right-padded [B, T] tensors on the model's device (T = longest response).
     """
     _validate(model, prompt_ids, response_ids, temperature, topk, chunk_size)
@@ -161,10 +164,13 @@ def score_tokens(model: Any, prompt_ids: Sequence[Sequence[int]], response_ids: 
     softcap = getattr(model.config, "final_logit_softcapping", None)
     n_out = 1 + int(with_entropy) + (2 if topk else 0)
     with torch.set_grad_enabled(grad):
-        # No attention mask needed: right padding only follows real tokens under the causal mask.
-        hidden = body(input_ids=input_ids.to(device), use_cache=False).last_hidden_state  # [B, L, H]
-        h = hidden[rows.to(device), cols.to(device)]  # [N, H]
-        del hidden
+        if share_prefix and len({tuple(p) for p in prompt_ids}) < B:
+            h = _hidden_shared_prefix(body, prompt_ids, response_ids, pad, device)  # [N, H]
+        else:
+            # No attention mask needed: right padding only follows real tokens under the causal mask.
+            hidden = body(input_ids=input_ids.to(device), use_cache=False).last_hidden_state  # [B, L, H]
+            h = hidden[rows.to(device), cols.to(device)]  # [N, H]
+            del hidden
         parts: list[list[Tensor]] = [[] for _ in range(n_out)]
         for s in range(0, h.shape[0], chunk_size):
             args = (head, softcap, temperature, with_entropy, topk, h[s : s + chunk_size], targets[s : s + chunk_size])
@@ -184,6 +190,44 @@ def score_tokens(model: Any, prompt_ids: Sequence[Sequence[int]], response_ids: 
         topk_ids = scatter(next(it), topk) if topk else None
         topk_lp = scatter(next(it), topk) if topk else None
     return ScoreResult(logprobs, mask, entropy, topk_ids, topk_lp)
+
+
+def _hidden_shared_prefix(body: torch.nn.Module, prompt_ids: Sequence[Sequence[int]],
+                          response_ids: Sequence[Sequence[int]], pad: int, device: torch.device) -> Tensor:
+    """Hidden states [N, H] of the scored positions (row-major, as `score_tokens` orders them),
+    running every distinct prompt once.
+
+    For a prompt p shared by rows R: one pass over p gives its KV cache and the hidden state
+    at p's last token (which predicts response token 0); the cache is repeated |R| times and
+    the right-padded responses run on it (position ids continue at len(p)), giving the hidden
+    states that predict response tokens 1..n-1. Gradients flow through the repeated cache into
+    the prompt pass, so training sees exactly the gradients of the unshared computation."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, p in enumerate(prompt_ids):
+        if response_ids[i]:
+            groups.setdefault(tuple(p), []).append(i)
+    per_row: dict[int, Tensor] = {}
+    for prompt, idx in groups.items():
+        P = len(prompt)
+        out = body(input_ids=torch.tensor([prompt], dtype=torch.long, device=device), use_cache=True)
+        last = out.last_hidden_state[0, -1:]  # [1, H]: predicts response token 0
+        tails = [list(response_ids[i][:-1]) for i in idx]  # inputs that predict tokens 1..n-1
+        Tn = max(len(t) for t in tails)
+        if Tn == 0:
+            for i in idx:
+                per_row[i] = last
+            continue
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(len(idx))
+        inp = torch.full((len(idx), Tn), pad, dtype=torch.long)
+        for r, t in enumerate(tails):
+            inp[r, : len(t)] = torch.tensor(t, dtype=torch.long)
+        pos = torch.arange(P, P + Tn, device=device).unsqueeze(0).expand(len(idx), Tn)
+        hid = body(input_ids=inp.to(device), past_key_values=cache, position_ids=pos,
+                   use_cache=True).last_hidden_state  # [|R|, Tn, H]
+        for r, i in enumerate(idx):
+            per_row[i] = torch.cat([last, hid[r, : len(tails[r])]], 0)
+    return torch.cat([per_row[i] for i in range(len(prompt_ids)) if i in per_row], 0)
 
 
 def score_views(model: Any, student_prompt_ids: Sequence[Sequence[int]], teacher_prompt_ids: Sequence[Sequence[int]],
