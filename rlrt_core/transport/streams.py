@@ -438,6 +438,17 @@ class StreamBus:
 
         return self._call(run, groups=[(name, group)])
 
+    def redeliver_pending(self, name: str, group: str, consumer: str) -> None:
+        """Make the next `consume` by `consumer` re-read its own pending entries first.
+
+        Call it after a batch failed half-way (e.g. the weight server was briefly down): the
+        batch's entries are still pending for this consumer, and peers only reclaim other
+        consumers' entries, so without this they would wait for another worker forever.
+        Re-reads count as deliveries: an entry that keeps failing reaches `max_deliveries`
+        and is dead-lettered."""
+        self._known_consumers.add((name, group, consumer))
+        self._own_history[(name, group, consumer)] = "0"
+
     def consume_messages(self, name: str, group: str, consumer: str, cls: type[M], *, count: int = 16,
                          block_ms: int | None = None) -> list[tuple[Entry, M]]:
         """`consume` plus decoding as `cls`. Entries that do not decode, fail validation,

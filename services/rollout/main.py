@@ -123,7 +123,8 @@ def run(cfg: RunConfig, worker: str) -> int:
         return True
 
     try:
-        rt.loop(step)
+        # A failed batch leaves its entries pending for us: re-read them next round.
+        rt.loop(step, on_error=lambda _err: rt.bus.redeliver_pending(IN, GROUP, worker))
     finally:
         sync.close()
         rt.close()
