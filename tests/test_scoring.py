@@ -150,3 +150,25 @@ def test_bad_input(model, prompts, responses, kwargs, match):
 def test_score_views_mismatched_prompts(model):
     with pytest.raises(ValueError, match="2 student prompts but 1 teacher prompts"):
         score_views(model, [[1], [2]], [[1]], [[3], [4]])
+
+
+def test_shared_prefix_matches_unshared_values_and_gradients():
+    """GRPO groups repeat a prompt K times; running it once must not change any number."""
+    from rlrt_core.models import load_model
+
+    model = load_model("tiny")
+    prompts = [[1, 5, 6, 7]] * 3 + [[1, 9, 9]] * 2 + [[2, 3]]
+    resps = [[10, 11, 12], [13], [14, 15, 16, 17], [18, 19], [], [20]]
+    a = score_tokens(model, prompts, resps, share_prefix=False, with_entropy=True, topk=3)
+    b = score_tokens(model, prompts, resps, share_prefix=True, with_entropy=True, topk=3)
+    assert torch.equal(a.mask, b.mask)
+    assert torch.allclose(a.logprobs, b.logprobs, atol=1e-5)
+    assert torch.allclose(a.entropy, b.entropy, atol=1e-5)
+    assert torch.equal(a.topk_ids, b.topk_ids)
+    grads = []
+    for share in (False, True):
+        model.zero_grad()
+        score_tokens(model, prompts, resps, grad=True, share_prefix=share).logprobs.sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for g0, g1 in zip(*grads):
+        assert torch.allclose(g0, g1, atol=1e-4, rtol=1e-4)
