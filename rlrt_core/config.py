@@ -1,7 +1,7 @@
 """Typed run configuration.
 
 One `RunConfig` holds every knob of a run, split in sections (model, data, rollout,
-verifier, teacher, learner, algorithm, transport, metrics). Recipes are YAML files under
+verifier, teacher, learner, algorithm, transport, metrics, ray). Recipes are YAML files under
 `configs/`; deployments override single values with environment variables:
 
     RLRT__LEARNER__LR=5e-6            -> learner.lr
@@ -194,6 +194,29 @@ class MetricsConfig(_Section):
     log_every: int = Field(1, ge=1)
 
 
+class RayActorResources(_Section):
+    """What one service actor asks Ray for (the actor's `rlrt serve` subprocess runs inside it;
+    Ray sets CUDA_VISIBLE_DEVICES to the GPUs it granted)."""
+
+    num_gpus: float = Field(0.0, ge=0.0)
+    num_cpus: float = Field(1.0, ge=0.0)
+
+
+class RayConfig(_Section):
+    """Placement on a Ray cluster (`rlrt launch --ray`). Ray only places and restarts the
+    services; trajectories still go over Redis Streams and weights over gRPC."""
+
+    address: str | None = None  # None = start a local Ray cluster; "auto" or "ray://host:10001" = join one
+    rollout_workers: int = Field(1, ge=1, le=4096, description="rollout actors (replicas)")
+    verifier_workers: int = Field(1, ge=1, le=1024)
+    max_restarts: int = Field(3, ge=-1, description="restarts of a crashed actor (-1 = unlimited)")
+    rollout: RayActorResources = Field(default_factory=RayActorResources)
+    verifier: RayActorResources = Field(default_factory=RayActorResources)
+    teacher: RayActorResources = Field(default_factory=RayActorResources)
+    learner: RayActorResources = Field(default_factory=RayActorResources)
+    namespace: str = "rlrt"
+
+
 class RunConfig(_Section):
     """The whole run. Every service reads the same file and uses its own sections."""
 
@@ -208,6 +231,7 @@ class RunConfig(_Section):
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     transport: TransportConfig = Field(default_factory=TransportConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
 
 
 def _format_validation_error(err: ValidationError) -> str:

@@ -14,6 +14,7 @@ the weights it returns. Everything here also works as a library inside another t
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -103,6 +104,12 @@ class PolicyLearner:
         self.model.to(self.device)
         self.optimizer = make_optimizer(model, learner_cfg)
         self.scheduler = make_scheduler(self.optimizer, learner_cfg)
+        # learner.deepspeed set: ZeRO engine around the same model and AdamW (rlrt_core.distributed).
+        self.ds = None
+        if learner_cfg.deepspeed is not None:
+            from rlrt_core.distributed import DeepSpeedBackend
+
+            self.ds = DeepSpeedBackend(model, self.optimizer, learner_cfg)
         self.step_index = 0
         self.skipped_updates_total = 0
 
@@ -113,6 +120,19 @@ class PolicyLearner:
     def load_state(self, state: dict[str, Any]) -> None:
         self.step_index = int(state.get("step_index", 0))
         self.skipped_updates_total = int(state.get("skipped_updates_total", 0))
+
+    def full_params(self, *, modify: bool = False) -> Any:
+        """Context in which `model.state_dict()` holds full weights (ZeRO-3 gathers them)."""
+        return self.ds.full_params(modify=modify) if self.ds is not None else contextlib.nullcontext()
+
+    def checkpoint_optimizer(self) -> torch.optim.Optimizer | None:
+        """The optimizer a checkpoint saves (None: its state is not resumable, ZeRO-3)."""
+        return self.ds.checkpoint_optimizer() if self.ds is not None else self.optimizer
+
+    def weights_loaded(self) -> None:
+        """Call after overwriting the model's weights in place (a resume): syncs ZeRO's fp32 master copy."""
+        if self.ds is not None:
+            self.ds.weights_loaded()
 
     # -- pieces of a step --------------------------------------------------------------
     def _logprobs(self, prompts: list[list[int]], responses: list[list[int]], length: int, *,
@@ -198,7 +218,10 @@ class PolicyLearner:
                 n_tok = float(mask[rows].sum().item())
                 if n_tok == 0:
                     continue
-                self.optimizer.zero_grad(set_to_none=True)
+                if self.ds is not None:
+                    self.ds.zero_grad()
+                else:
+                    self.optimizer.zero_grad(set_to_none=True)
                 finite = True
                 for ms in range(0, len(rows), self.cfg.micro_batch_size):
                     idx = rows[ms:ms + self.cfg.micro_batch_size]
@@ -216,7 +239,10 @@ class PolicyLearner:
                     if not torch.isfinite(loss):
                         finite = False
                         break
-                    (loss * (micro_tok / n_tok)).backward()
+                    if self.ds is not None:
+                        self.ds.backward(loss * (micro_tok / n_tok), last=ms + self.cfg.micro_batch_size >= len(rows))
+                    else:
+                        (loss * (micro_tok / n_tok)).backward()
                     for k, v in met.items():
                         if k == "n_tokens" or not (isinstance(v, (int, float)) and math.isfinite(v)):
                             continue
@@ -227,6 +253,14 @@ class PolicyLearner:
                         else:  # token-weighted mean over the step
                             agg[k] = agg.get(k, 0.0) + float(v) * micro_tok
                     agg_tokens += micro_tok
+                if self.ds is not None:
+                    ds_norm = self.ds.finish(finite)
+                    if ds_norm is None:
+                        skipped += 1
+                    else:
+                        grad_norms.append(ds_norm)
+                        applied += 1
+                    continue
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
                 if not finite or not torch.isfinite(grad_norm):
                     self.optimizer.zero_grad(set_to_none=True)
@@ -235,7 +269,10 @@ class PolicyLearner:
                 grad_norms.append(float(grad_norm))
                 self.optimizer.step()
                 applied += 1
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.ds is not None:
+            self.ds.zero_grad()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
         self.model.eval()
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()

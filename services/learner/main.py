@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import time
 import uuid
@@ -172,12 +173,22 @@ def run(cfg: RunConfig, worker: str) -> int:
         rt.close()
         return 2
     model = load_model(cfg.model.path, dtype=cfg.model.dtype, device=lc.device, cache_dir=cfg.model.cache_dir)
+    if lc.deepspeed is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Only one process reads Redis; ranks would need the same groups each step.
+        log.error("learner.deepspeed: this service runs one rank (WORLD_SIZE=%s given); multi-rank ZeRO is "
+                  "available to rlrt_core.learner.PolicyLearner callers that feed every rank the same groups",
+                  os.environ["WORLD_SIZE"])
+        rt.close()
+        return 2
     learner = PolicyLearner(model, lc, algo, temperature=cfg.rollout.temperature, device=lc.device)
     cursor = ProblemCursor(len(problems), seed=cfg.data.shuffle_seed)
 
     ck = latest_checkpoint(ckpt_dir)
     if ck is not None:
-        loaded = load_checkpoint(ck, model=model, optimizer=learner.optimizer, scheduler=learner.scheduler)
+        with learner.full_params(modify=True):
+            loaded = load_checkpoint(ck, model=model, optimizer=learner.checkpoint_optimizer(),
+                                     scheduler=learner.scheduler)
+        learner.weights_loaded()
         extra = loaded.state.get("extra", {})
         learner.load_state(extra.get("learner", {}))
         admission.load_state_dict(extra.get("admission", {}))
@@ -210,7 +221,9 @@ def run(cfg: RunConfig, worker: str) -> int:
 
     def publish(version: int) -> None:
         t0 = time.perf_counter()
-        server.publish(version, {k: v.detach().to("cpu") for k, v in model.state_dict().items()})
+        with learner.full_params():
+            weights = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+        server.publish(version, weights)
         announce_version(rt.redis, cfg.run_name, version, prefix=cfg.transport.stream_prefix)
         m.learner_weight_version.set(version)
         m.weight_publish_seconds.observe(time.perf_counter() - t0)
@@ -226,9 +239,10 @@ def run(cfg: RunConfig, worker: str) -> int:
         extra = {"learner": learner.state(), "admission": admission.state_dict(), "cursor": cursor.state(),
                  "totals": dict(totals)}
         t0 = time.perf_counter()
-        path = save_checkpoint(ckpt_dir, step=state["step"], version=state["version"], model=model,
-                               optimizer=learner.optimizer, scheduler=learner.scheduler, extra=extra,
-                               keep=lc.keep_checkpoints)
+        with learner.full_params():
+            path = save_checkpoint(ckpt_dir, step=state["step"], version=state["version"], model=model,
+                                   optimizer=learner.checkpoint_optimizer(), scheduler=learner.scheduler,
+                                   extra=extra, keep=lc.keep_checkpoints)
         m.checkpoint_seconds.observe(time.perf_counter() - t0)
         log.info("checkpoint %s", path)
 

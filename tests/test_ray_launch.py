@@ -1,0 +1,95 @@
+"""`rlrt launch --ray` (services/ray_launcher.py) on a local Ray cluster with the tiny model:
+the services run as Ray actors over the real Redis and gRPC, the learner's versions advance,
+it exits 0, and a killed rollout service is restarted by Ray."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from rlrt_core.config import load_config
+from services.launcher import read_metrics
+from services.ray_launcher import RayRun
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+REDIS_URL = os.environ.get("REDIS_URL_TEST", "redis://127.0.0.1:6379/0")
+
+
+def _cfg(tmp_path: Path, steps: int):
+    run = f"ray-{uuid.uuid4().hex[:8]}"
+    over = {"run_name": run, "metrics": {"run_dir": str(tmp_path / run)},
+            "transport": {"redis_url": REDIS_URL, "claim_idle_ms": 3000, "weights_port": 0},
+            "learner": {"total_steps": steps, "checkpoint_every": 2},
+            "ray": {"rollout_workers": 2, "max_restarts": 2, "rollout": {"num_cpus": 0.5}}}
+    return load_config(ROOT / "configs" / "tiny.yaml", overrides=over, use_env=False)
+
+
+def _kill_rollout_once(run: RayRun, done: threading.Event) -> None:
+    """Once the learner has trained a step, SIGKILL rollout-0's service process."""
+    metrics = run.run_dir / "metrics.jsonl"
+    while not done.is_set():
+        if metrics.is_file() and metrics.read_text().strip():
+            import ray
+
+            pid = ray.get(run.actors["rollout-0"].info.remote(), timeout=30)["pid"]
+            os.kill(pid, signal.SIGKILL)
+            return
+        time.sleep(0.5)
+
+
+def test_ray_launch_trains_and_restarts_a_killed_worker(tmp_path):
+    cfg = _cfg(tmp_path, steps=4)
+    run = RayRun(cfg)
+    done = threading.Event()
+    try:
+        run.start()
+        assert set(run.actors) == {"learner-0", "teacher-0", "verifier-0", "rollout-0", "rollout-1"}
+        killer = threading.Thread(target=_kill_rollout_once, args=(run, done), daemon=True)
+        killer.start()
+        rc = run.wait(timeout_s=400)
+        import ray
+
+        service_pids = [i["pid"] for i in ray.get([a.info.remote() for a in run.actors.values()], timeout=30)]
+    finally:
+        done.set()
+        run.stop()
+    logs = run.run_dir / "logs"
+    assert rc == 0, (logs / "learner-0.log").read_text()[-3000:]
+    rows = read_metrics(run.run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["version"] for r in rows] == [1, 2, 3, 4], "every step publishes the next weight version"
+    r0 = (logs / "rollout-0.log").read_text()
+    assert "exited with -9; ending the actor" in r0
+    assert r0.count("[ray] rollout-0 on") == 2, "Ray restarts the killed worker's actor once"
+    assert (run.run_dir / "config.yaml").read_text().count("weights_target: 127.0.0.1:") == 1
+    for pid in service_pids:  # stop() ended every service process
+        deadline = time.time() + 10
+        while Path(f"/proc/{pid}").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        assert not Path(f"/proc/{pid}").exists(), pid
+
+
+def test_cli_launch_without_ray_flag_is_a_clear_error(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "services.cli.main", "launch", "--config",
+                           str(ROOT / "configs" / "tiny.yaml")], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 2
+    assert "needs --ray" in proc.stdout + proc.stderr
+
+
+def test_multi_node_needs_reachable_redis(tmp_path):
+    cfg = _cfg(tmp_path, steps=1)
+    run = RayRun(cfg)
+    with pytest.raises(ValueError, match="loopback"):
+        run._redis_url(multi_node=True)
+    cfg.transport.redis_url = None
+    with pytest.raises(ValueError, match="several nodes"):
+        RayRun(cfg)._redis_url(multi_node=True)
