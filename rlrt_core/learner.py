@@ -299,9 +299,13 @@ class PolicyLearner:
             "tokens/trained": float(mask.sum()),
             "time/step_s": time.perf_counter() - t0,
         })
-        if teacher_lp is not None:
-            summary = algorithms.asymmetry_summary(algo.method, advantages, rewards, student_lp, teacher_lp, mask,
-                                                   lam=lam, eps_w=algo.eps_w)
+        scored = torch.tensor([s.teacher_logprobs is not None for s in samples], device=self.device)
+        if teacher_lp is not None and bool(scored.any()):
+            # Diagnostics over the rollouts the teacher actually scored (the others have D̂ = 0
+            # by construction and would only dilute the signal).
+            summary = algorithms.asymmetry_summary(algo.method, advantages, rewards, student_lp, teacher_lp,
+                                                   mask & scored[:, None], lam=lam, eps_w=algo.eps_w)
             metrics.update({f"rlrt/{k}": float(v) for k, v in summary.items()})
+            metrics["rlrt/scored_fraction"] = float(scored.float().mean())
         metrics["tokens/per_s"] = metrics["tokens/trained"] / max(metrics["time/step_s"], 1e-9)
         return StepResult(metrics=metrics, skipped_updates=skipped, applied_updates=applied)

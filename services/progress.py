@@ -178,7 +178,7 @@ def write_summary(run_dir: str | Path, console: Console | None = None, *, wall_s
         ax.set_xlabel("learner step")
         ax.grid(alpha=0.3)
     method = last.get("method", "")
-    fig.suptitle(f"rlrt {method} — {run_dir.name}")
+    fig.suptitle(f"{method.upper()} on {run_dir.name} (rlrt)")
     fig.tight_layout()
     out = run_dir / "curves.png"
     fig.savefig(out, dpi=110)
