@@ -45,6 +45,19 @@ def collect_status(run_dir: str | Path) -> dict[str, Any]:
             "steps": len(rows)}
 
 
+def queue_rows(queues: dict[str, Any]) -> list[tuple[str, Any, Any, Any]]:
+    """(stream, length, pending, lag) from `StreamBus.stats()` (pending/lag summed over groups)."""
+    rows = []
+    for name, info in sorted(queues.items()):
+        if not isinstance(info, dict):
+            continue
+        groups = (info.get("groups") or {}).values()
+        pending = sum(g.get("pending", 0) for g in groups) if groups else None
+        lag = sum(g.get("lag", 0) for g in groups) if groups else None
+        rows.append((name, info.get("length"), pending, lag))
+    return rows
+
+
 def _fmt(v: Any, nd: int = 3) -> str:
     if v is None:
         return "-"
@@ -69,8 +82,8 @@ def render_status(snap: dict[str, Any]) -> Group:
         q = Table(title="queues")
         for col in ("stream", "length", "pending", "lag"):
             q.add_column(col)
-        for name, info in sorted(queues.items()):
-            q.add_row(name, _fmt(info.get("length")), _fmt(info.get("pending")), _fmt(info.get("lag")))
+        for name, length, pending, lag in queue_rows(queues):
+            q.add_row(name, _fmt(length), _fmt(pending), _fmt(lag))
         parts.append(q)
     last = snap.get("last_step")
     if last:
@@ -124,12 +137,12 @@ class LiveView:
                       _fmt(r.get("staleness/mean"), 2), _fmt(r.get("tokens/per_s"), 0), _fmt(r.get("time/wait_data_s"), 1))
         st = self._learner_status
         queues = st.get("queues") or {}
-        qline = "  ".join(f"{name}: {info.get('length', '-')}/{info.get('pending', '-')}" for name, info in sorted(queues.items()))
+        qline = "  ".join(f"{name}: {_fmt(lag)}/{_fmt(pending)}" for name, _n, pending, lag in queue_rows(queues))
         alive = ", ".join(f"{c.worker}{'' if c.alive() else ' (down)'}" for c in self.run.children)
         target = self.run.cfg.learner.total_steps
         head = Table.grid()
         head.add_row(f"step {len(rows)}/{target}   version {st.get('version', '-')}   in flight "
-                     f"{st.get('in_flight', '-')}   queues (length/pending) {qline or '-'}")
+                     f"{st.get('in_flight', '-')}   queues (waiting/in progress) {qline or '-'}")
         head.add_row(f"processes: {alive}")
         return Group(head, t)
 

@@ -173,3 +173,45 @@ def test_admin_endpoints_of_a_live_learner(tmp_path):
     assert rc == 0
     bus = StreamBus.from_url(REDIS_URL, cfg.run_name)
     bus.delete_run()
+
+
+def _exposed_names(text: str) -> set[str]:
+    """Sample names a scrape exposes, including those of labelled families that have no
+    child yet (a counter with no errors so far still belongs to the exposition)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",),
+                "summary": ("_sum", "_count", ""), "info": ("_info",)}
+    names: set[str] = set()
+    for fam in text_string_to_metric_families(text):
+        names.update(s.name for s in fam.samples)
+        names.update(fam.name + suf for suf in suffixes.get(fam.type, ("",)))
+    return names
+
+
+def test_dashboard_queries_only_metrics_live_services_expose(tmp_path):
+    """Scrape every service of a live tiny run; each metric the Grafana dashboard queries
+    must be in some service's exposition."""
+    import httpx
+
+    from test_deploy import metric_names_in_dashboard
+
+    cfg = _cfg(tmp_path, learner={"total_steps": 3})
+    run = LocalRun(cfg, n_rollout=1, restart_crashed=False)
+    exposed: set[str] = set()
+    with run:
+        deadline = time.time() + 240
+        while time.time() < deadline and len(read_metrics(run.run_dir)) < 1:
+            time.sleep(0.5)
+        eps = json.loads("[" + ",".join(p.read_text() for p in (run.run_dir / "services").glob("*.json")) + "]")
+        assert {e["service"] for e in eps} == {"learner", "rollout", "verifier", "teacher"}
+        for ep in eps:
+            text = httpx.get(f"http://127.0.0.1:{ep['admin_port']}/metrics", timeout=5).text
+            assert f'service="{ep["service"]}"' in text
+            exposed |= _exposed_names(text)
+        assert run.wait(timeout_s=300) == 0
+    StreamBus.from_url(REDIS_URL, cfg.run_name).delete_run()
+    wanted = metric_names_in_dashboard(ROOT / "deploy" / "grafana" / "dashboards" / "rlrt.json")
+    assert wanted, "the dashboard queries no metric"
+    missing = sorted(wanted - exposed)
+    assert not missing, f"dashboard queries metrics no live service exposes: {missing}"

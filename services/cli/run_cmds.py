@@ -32,6 +32,17 @@ def _run_local(cfg: RunConfig, *, rollout_workers: int, title: str, timeout_s: f
     from services.progress import LiveView, write_summary
 
     run = LocalRun(cfg, n_rollout=rollout_workers)
+    from rlrt_core.checkpoint import latest_checkpoint
+
+    ck = latest_checkpoint(run.run_dir / "checkpoints")
+    if ck is not None:
+        done = int(ck.name.split("_")[-1])
+        if done >= cfg.learner.total_steps:
+            console.print(f"[yellow]{run.run_dir} already holds a finished run ({done} steps); delete it or pass "
+                          f"--run-dir to start a new one, or --steps N to train further[/yellow]")
+            write_summary(run.run_dir, console)
+            return
+        console.print(f"resuming from {ck} (step {done} of {cfg.learner.total_steps})")
     interrupted = False
 
     def _sigterm(_sig: int, _frm: object) -> None:

@@ -244,6 +244,7 @@ def run(cfg: RunConfig, worker: str) -> int:
                                    optimizer=learner.checkpoint_optimizer(), scheduler=learner.scheduler,
                                    extra=extra, keep=lc.keep_checkpoints)
         m.checkpoint_seconds.observe(time.perf_counter() - t0)
+        state["ckpt_step"] = state["step"]
         log.info("checkpoint %s", path)
 
     def dispatch() -> int:
@@ -362,9 +363,12 @@ def run(cfg: RunConfig, worker: str) -> int:
             bus.touch([e for e, _, _ in state["buffer"]])
         return bool(pairs) or dispatched > 0
 
+    state["ckpt_step"] = state["step"]
     try:
         # A failed round leaves consumed entries pending for us: re-read them next round.
         rt.loop(step, on_error=lambda _err: bus.redeliver_pending(IN, GROUP, worker))
+        if state["step"] > state["ckpt_step"]:  # stopped by SIGTERM / Ctrl-C: keep the progress
+            checkpoint()
     finally:
         server.stop(grace_s=2.0)
         rt.close()
