@@ -95,6 +95,10 @@ class DeepSpeedBackend:
 
     def backward(self, loss: torch.Tensor, *, last: bool) -> None:
         """Back-propagate one micro-batch; `last` marks the mini-batch's final one (reduce + step)."""
+        # The scorer calls the module, not engine.forward, which is where ZeRO counts micro-steps
+        # (ZeRO-3 accumulates gradients only from the second micro-step on): do its bookkeeping here.
+        if hasattr(self.zero_optimizer, "clear_backward_seen_flag"):
+            self.zero_optimizer.clear_backward_seen_flag()
         self.engine.set_gradient_accumulation_boundary(last)
         self.engine.backward(loss)
 
@@ -127,6 +131,16 @@ class DeepSpeedBackend:
         params = list(self.engine.module.parameters())
         with deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None):
             yield
+
+    def scoring(self) -> Any:
+        """Context for a scoring pass: under ZeRO-3 the lm_head weight stays gathered (the scorer
+        reads its shape and device, and runs it chunk by chunk); a no-op for stages 0-2."""
+        if self.stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        head = self.engine.module.get_output_embeddings()
+        return deepspeed.zero.GatheredParameters([head.weight], modifier_rank=None)
 
     def checkpoint_optimizer(self) -> torch.optim.Optimizer | None:
         """The optimizer whose (flattened, per-rank) state a checkpoint can hold; None under ZeRO-3."""

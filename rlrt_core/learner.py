@@ -138,8 +138,9 @@ class PolicyLearner:
     def _logprobs(self, prompts: list[list[int]], responses: list[list[int]], length: int, *,
                   grad: bool, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Log-probs [b, length] (and entropy) of responses under the current weights."""
-        res = score_tokens(self.model, prompts, responses, temperature=self.temperature,
-                           with_entropy=with_entropy, grad=grad)
+        with self.ds.scoring() if self.ds is not None else contextlib.nullcontext():
+            res = score_tokens(self.model, prompts, responses, temperature=self.temperature,
+                               with_entropy=with_entropy, grad=grad)
         lp = res.logprobs.to(self.device)
         ent = res.entropy.to(self.device) if res.entropy is not None else None
         t = lp.shape[1]

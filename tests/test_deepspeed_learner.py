@@ -56,20 +56,23 @@ def _params(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_step_equals_plain_step(tiny_path, stage):
     plain = _learner(tiny_path)
     groups = _groups(plain.model)
     ds = _learner(tiny_path, {"zero_optimization": {"stage": stage}})
     assert ds.ds is not None and ds.ds.stage == stage
-    before = _params(ds.model)
+    with ds.full_params():
+        before = _params(ds.model)
     for _ in range(2):  # two steps: the second uses Adam moments and the warm-up's next LR
         r_plain = plain.step(groups)
         r_ds = ds.step(groups)
         assert r_ds.applied_updates == r_plain.applied_updates == 2
         assert r_ds.metrics["optim/lr"] == pytest.approx(r_plain.metrics["optim/lr"])
         assert r_ds.metrics["optim/grad_norm"] == pytest.approx(r_plain.metrics["optim/grad_norm"], rel=1e-4)
-    a, b = _params(plain.model), _params(ds.model)
+    a = _params(plain.model)
+    with ds.full_params():  # ZeRO-3: gathered from the partitions
+        b = _params(ds.model)
     moved = max(float((b[k] - before[k]).abs().max()) for k in b)
     assert moved > 1e-4, "the DeepSpeed step must change the weights"
     for k in a:
@@ -123,7 +126,7 @@ from test_deepspeed_learner import ALGO, _cfg, _groups
 stage = int(os.environ["ZERO_STAGE"])
 torch.manual_seed(0)
 learner = PolicyLearner(load_model(os.environ["TINY"]), _cfg({"zero_optimization": {"stage": stage}}), ALGO)
-groups = _groups(learner.model)
+groups = _groups(load_model(os.environ["TINY"]))  # the same weights, unpartitioned
 learner.step(groups)
 with learner.full_params():
     sd = {k: v.detach().clone() for k, v in learner.model.state_dict().items()}
@@ -134,9 +137,9 @@ if int(os.environ["RANK"]) == 0:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2])
+@pytest.mark.parametrize("stage", [3])
 def test_two_ranks_torchrun_equal_plain(tiny_path, tmp_path, stage):
-    """Two gloo ranks (torchrun): ZeRO-2 shards optimizer state and gradients, ZeRO-3 parameters too;
+    """Two gloo ranks (torchrun), ZeRO-3: parameters, gradients and optimizer state sharded;
     the gathered weights after one step equal the single-process plain step."""
     from safetensors.torch import load_file
 
@@ -162,3 +165,27 @@ def test_two_ranks_torchrun_equal_plain(tiny_path, tmp_path, stage):
         diff = (v - want[k]).abs()
         assert float(diff.max()) < 1e-4, (k, float(diff.max()))
         assert float(diff.mean()) < 1e-7, (k, float(diff.mean()))
+
+
+def test_zero3_checkpoint_restores_full_weights(tiny_path, tmp_path):
+    """ZeRO-3: the checkpoint holds the gathered full weights (safetensors) and no optimizer state;
+    a resume writes them back into the partitions (Adam moments restart, by design)."""
+    cfg = {"zero_optimization": {"stage": 3}}
+    first = _learner(tiny_path, cfg)
+    first.step(_groups(plain_model := load_model(tiny_path)))
+    assert first.checkpoint_optimizer() is None
+    with first.full_params():
+        save_checkpoint(tmp_path, step=1, version=1, model=first.model, optimizer=None, scheduler=first.scheduler)
+        saved = _params(first.model)
+    assert not (tmp_path / "step_000001" / "optimizer.safetensors").is_file()
+    resumed = _learner(tiny_path, cfg)
+    with resumed.full_params(modify=True):
+        load_checkpoint(latest_checkpoint(tmp_path), model=resumed.model, scheduler=resumed.scheduler)
+    resumed.weights_loaded()
+    with resumed.full_params():
+        got = _params(resumed.model)
+    for k, v in saved.items():
+        assert torch.equal(got[k], v), k
+    moved = max(float((saved[k] - v).abs().max()) for k, v in plain_model.state_dict().items() if k in saved)
+    assert moved > 1e-4, "the checkpoint holds trained weights, not the initial ones"
+    assert resumed.step(_groups(plain_model)).applied_updates == 2
