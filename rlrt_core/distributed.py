@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import os
 from typing import Any, Iterator
 
@@ -34,6 +35,7 @@ import torch
 
 from rlrt_core.config import LearnerConfig
 
+log = logging.getLogger("rlrt.distributed")
 
 def ds_config(user: dict[str, Any], cfg: LearnerConfig, world_size: int = 1) -> dict[str, Any]:
     """The DeepSpeed config dict: the user's `learner.deepspeed` plus the fields the learner owns."""
@@ -88,6 +90,8 @@ class DeepSpeedBackend:
         self.stage = int(self.engine.zero_optimization_stage())
         self.rank = int(os.environ.get("RANK", "0"))
         self.world_size = world
+        log.info("DeepSpeed ZeRO-%d engine: rank %d of %d, %s", self.stage, self.rank, world,
+                 type(self.zero_optimizer).__name__)
 
     # -- one mini-batch -------------------------------------------------------------------
     def zero_grad(self) -> None:

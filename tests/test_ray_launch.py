@@ -24,11 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 REDIS_URL = os.environ.get("REDIS_URL_TEST", "redis://127.0.0.1:6379/0")
 
 
-def _cfg(tmp_path: Path, steps: int):
+def _cfg(tmp_path: Path, steps: int, **learner):
     run = f"ray-{uuid.uuid4().hex[:8]}"
     over = {"run_name": run, "metrics": {"run_dir": str(tmp_path / run)},
             "transport": {"redis_url": REDIS_URL, "claim_idle_ms": 3000, "weights_port": 0},
-            "learner": {"total_steps": steps, "checkpoint_every": 2},
+            "learner": {"total_steps": steps, "checkpoint_every": 2, **learner},
             "ray": {"rollout_workers": 2, "max_restarts": 2, "rollout": {"num_cpus": 0.5}}}
     return load_config(ROOT / "configs" / "tiny.yaml", overrides=over, use_env=False)
 
@@ -47,7 +47,8 @@ def _kill_rollout_once(run: RayRun, done: threading.Event) -> None:
 
 
 def test_ray_launch_trains_and_restarts_a_killed_worker(tmp_path):
-    cfg = _cfg(tmp_path, steps=4)
+    # The learner service also runs DeepSpeed ZeRO-2 here: its publish and checkpoint hooks.
+    cfg = _cfg(tmp_path, steps=4, deepspeed={"zero_optimization": {"stage": 2}})
     run = RayRun(cfg)
     done = threading.Event()
     try:
@@ -71,6 +72,9 @@ def test_ray_launch_trains_and_restarts_a_killed_worker(tmp_path):
     assert "exited with -9; ending the actor" in r0
     assert r0.count("[ray] rollout-0 on") == 2, "Ray restarts the killed worker's actor once"
     assert (run.run_dir / "config.yaml").read_text().count("weights_target: 127.0.0.1:") == 1
+    ck = run.run_dir / "checkpoints" / "step_000004"
+    assert (ck / "model.safetensors").is_file() and (ck / "optimizer.safetensors").is_file()
+    assert "DeepSpeed" in (logs / "learner-0.log").read_text()
     for pid in service_pids:  # stop() ended every service process
         deadline = time.time() + 10
         while Path(f"/proc/{pid}").exists() and time.time() < deadline:
