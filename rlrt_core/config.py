@@ -209,6 +209,7 @@ class RayConfig(_Section):
     address: str | None = None  # None = start a local Ray cluster; "auto" or "ray://host:10001" = join one
     rollout_workers: int = Field(1, ge=1, le=4096, description="rollout actors (replicas)")
     verifier_workers: int = Field(1, ge=1, le=1024)
+    teacher_workers: int = Field(1, ge=1, le=1024)
     max_restarts: int = Field(3, ge=-1, description="restarts of a crashed actor (-1 = unlimited)")
     rollout: RayActorResources = Field(default_factory=RayActorResources)
     verifier: RayActorResources = Field(default_factory=RayActorResources)

@@ -13,7 +13,8 @@ Driver, in order:
   2. Learner node: a probe actor with the learner's resources picks the node and a free port
      there; the learner actor is pinned to that node (its restarts stay there), so
      `weights_target` = <learner node IP>:<port> holds for the whole run.
-  3. Actors: learner, teacher, N verifiers, N rollout workers.
+  3. Actors: learner, then `ray.teacher_workers` teachers, `ray.verifier_workers` verifiers and
+     `ray.rollout_workers` (or --rollout-workers) rollout workers; each kind is one consumer group.
   4. Wait for the learner to exit 0 (restarts of it are waited through), then stop everything.
 """
 
@@ -85,6 +86,7 @@ class ServiceProcess:
         if self.stopping or rc == 0:
             return
         self.log_fh.write(f"\n[ray] {self.worker} exited with {rc}; ending the actor so Ray restarts it\n".encode())
+        shutil.rmtree(self.cfg_dir, ignore_errors=True)  # the restarted actor writes its own
         os._exit(1)  # a dead actor process is what Ray restarts (an exception would not be)
 
     def info(self) -> dict[str, Any]:
@@ -139,7 +141,8 @@ class RayRun:
 
     def plan(self) -> list[tuple[str, str]]:
         """(service, worker id) of every actor, learner first."""
-        out = [("learner", "learner-0"), ("teacher", "teacher-0")]
+        out = [("learner", "learner-0")]
+        out += [("teacher", f"teacher-{i}") for i in range(self.cfg.ray.teacher_workers)]
         out += [("verifier", f"verifier-{i}") for i in range(self.cfg.ray.verifier_workers)]
         out += [("rollout", f"rollout-{i}") for i in range(self.n_rollout)]
         return out
