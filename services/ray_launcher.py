@@ -171,9 +171,10 @@ class RayRun:
         url = self.cfg.transport.redis_url
         if url:
             host = url.split("://", 1)[-1].rsplit("@", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0]
-            if multi_node and host in LOOPBACK:
-                raise ValueError(f"transport.redis_url {url!r} is a loopback address but the Ray cluster has "
-                                 "several nodes: give a Redis URL every node can reach")
+            if multi_node and (host in LOOPBACK or url.startswith("unix:")):
+                where = "a unix socket" if url.startswith("unix:") else f"the loopback address {host}"
+                raise ValueError(f"transport.redis_url points at {where} but the Ray cluster has several "
+                                 "nodes: give a Redis URL every node can reach")
             return url
         if multi_node:
             raise ValueError("the Ray cluster has several nodes: set transport.redis_url (or REDIS_URL) to a "

@@ -20,6 +20,20 @@ GOOD, BAD = [300, 301, 302], [400, 401]
 ALGO = AlgorithmConfig(method="rlrt", lam_init=0.5, eps_w=0.5)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _restore_dist_env():
+    """DeepSpeedBackend gives this process a world of one (RANK, MASTER_PORT, ...): do not leak
+    those variables into the processes later tests start."""
+    keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    saved = {k: os.environ.get(k) for k in keys}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture(scope="module")
 def tiny_path():
     return str(resolve_model_path("tiny"))

@@ -94,6 +94,9 @@ def test_multi_node_needs_reachable_redis(tmp_path):
     run = RayRun(cfg)
     with pytest.raises(ValueError, match="loopback"):
         run._redis_url(multi_node=True)
+    cfg.transport.redis_url = "unix:///tmp/redis.sock?db=0"
+    with pytest.raises(ValueError, match="unix socket"):
+        RayRun(cfg)._redis_url(multi_node=True)
     cfg.transport.redis_url = None
     with pytest.raises(ValueError, match="several nodes"):
         RayRun(cfg)._redis_url(multi_node=True)
