@@ -1,6 +1,6 @@
 """`rlrt launch --ray` (services/ray_launcher.py) on a local Ray cluster with the tiny model:
 the services run as Ray actors over the real Redis and gRPC, the learner's versions advance,
-it exits 0, and a killed rollout service is restarted by Ray."""
+it exits 0, and Ray restarts a killed rollout service and a killed learner (which resumes)."""
 
 from __future__ import annotations
 
@@ -33,28 +33,35 @@ def _cfg(tmp_path: Path, steps: int, **learner):
     return load_config(ROOT / "configs" / "tiny.yaml", overrides=over, use_env=False)
 
 
-def _kill_rollout_once(run: RayRun, done: threading.Event) -> None:
-    """Once the learner has trained a step, SIGKILL rollout-0's service process."""
+def _kill_services(run: RayRun, done: threading.Event, killed: list[str]) -> None:
+    """SIGKILL rollout-0's service once the learner trained a step, then the learner's service
+    once its step-2 checkpoint exists (the run has 6 steps, so it is still training)."""
+    import ray
+
     metrics = run.run_dir / "metrics.jsonl"
-    while not done.is_set():
-        if metrics.is_file() and metrics.read_text().strip():
-            import ray
-
-            pid = ray.get(run.actors["rollout-0"].info.remote(), timeout=30)["pid"]
-            os.kill(pid, signal.SIGKILL)
+    ck2 = run.run_dir / "checkpoints" / "step_000002" / "state.json"
+    plan = [("rollout-0", lambda: metrics.is_file() and metrics.read_text().strip()),
+            ("learner-0", ck2.is_file)]
+    for worker, ready in plan:
+        while not done.is_set() and not ready():
+            time.sleep(0.2)
+        if done.is_set():
             return
-        time.sleep(0.5)
+        pid = ray.get(run.actors[worker].info.remote(), timeout=30)["pid"]
+        os.kill(pid, signal.SIGKILL)
+        killed.append(worker)
 
 
-def test_ray_launch_trains_and_restarts_a_killed_worker(tmp_path):
-    # The learner service also runs DeepSpeed ZeRO-2 here: its publish and checkpoint hooks.
-    cfg = _cfg(tmp_path, steps=4, deepspeed={"zero_optimization": {"stage": 2}})
+def test_ray_launch_trains_and_restarts_killed_services(tmp_path):
+    # The learner service runs DeepSpeed ZeRO-2 here: its publish, checkpoint and resume hooks.
+    cfg = _cfg(tmp_path, steps=6, deepspeed={"zero_optimization": {"stage": 2}})
     run = RayRun(cfg)
     done = threading.Event()
+    killed: list[str] = []
     try:
         run.start()
         assert set(run.actors) == {"learner-0", "teacher-0", "verifier-0", "rollout-0", "rollout-1"}
-        killer = threading.Thread(target=_kill_rollout_once, args=(run, done), daemon=True)
+        killer = threading.Thread(target=_kill_services, args=(run, done, killed), daemon=True)
         killer.start()
         rc = run.wait(timeout_s=400)
         import ray
@@ -65,14 +72,18 @@ def test_ray_launch_trains_and_restarts_a_killed_worker(tmp_path):
         run.stop()
     logs = run.run_dir / "logs"
     assert rc == 0, (logs / "learner-0.log").read_text()[-3000:]
+    assert killed == ["rollout-0", "learner-0"]
     rows = read_metrics(run.run_dir)
-    assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    assert [r["version"] for r in rows] == [1, 2, 3, 4], "every step publishes the next weight version"
-    r0 = (logs / "rollout-0.log").read_text()
-    assert "exited with -9; ending the actor" in r0
-    assert r0.count("[ray] rollout-0 on") == 2, "Ray restarts the killed worker's actor once"
+    assert rows[-1]["step"] == 6
+    versions = [r["version"] for r in rows]
+    assert versions == sorted(set(versions)), f"weight versions only move forward: {versions}"
+    for worker in killed:  # Ray restarted each killed service's actor once
+        text = (logs / f"{worker}.log").read_text()
+        assert "exited with -9; ending the actor" in text, worker
+        assert text.count(f"[ray] {worker} on") == 2, worker
+    assert "resumed from" in (logs / "learner-0.log").read_text()
     assert (run.run_dir / "config.yaml").read_text().count("weights_target: 127.0.0.1:") == 1
-    ck = run.run_dir / "checkpoints" / "step_000004"
+    ck = run.run_dir / "checkpoints" / "step_000006"
     assert (ck / "model.safetensors").is_file() and (ck / "optimizer.safetensors").is_file()
     assert "DeepSpeed" in (logs / "learner-0.log").read_text()
     for pid in service_pids:  # stop() ended every service process
