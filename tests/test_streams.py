@@ -406,3 +406,25 @@ def test_acl_user_credentials_from_the_url(private_redis) -> None:
     outside = StreamBus.from_url(url, "run", prefix="other", block_ms=50, reconnect_timeout_s=1)
     with pytest.raises(redis.exceptions.NoPermissionError):
         outside.publish("prompts", b"x")  # keys outside the user's pattern are refused, not retried
+
+
+def test_failed_batch_is_reread_by_its_own_consumer(make_bus) -> None:
+    """A worker whose batch failed re-reads its own pending entries (peers never reclaim a
+    live consumer's entries before claim_idle_ms); infrastructure failures do not count as
+    deliveries, failures that may be the entry's fault do, up to the dead-letter limit."""
+    bus = make_bus(max_deliveries=3)
+    bus.ensure_groups()
+    for i in range(5):
+        bus.publish("prompts", f"task{i}".encode())
+    first = bus.consume("prompts", "rollout", "w", count=5, block_ms=10)
+    assert len(first) == 5
+    assert bus.consume("prompts", "rollout", "w", count=5, block_ms=10) == []  # nothing new, nothing idle
+    bus.redeliver_pending("prompts", "rollout", "w", count_delivery=False)
+    again = [e for _ in range(3) for e in bus.consume("prompts", "rollout", "w", count=2, block_ms=10)]
+    assert [e.payload for e in again] == [f"task{i}".encode() for i in range(5)]
+    assert all(e.deliveries == 1 for e in again)
+    for _ in range(3):  # the entry's own fault: counted, then dead-lettered past max_deliveries
+        bus.redeliver_pending("prompts", "rollout", "w")
+        got = bus.consume("prompts", "rollout", "w", count=5, block_ms=10)
+    assert got == [] and len(bus.dead_letters()) == 5
+    assert all("delivered 4 times" in d.reason for d in bus.dead_letters())

@@ -275,25 +275,32 @@ def test_smollm2_version_streamed_and_verified(tmp_path: Path) -> None:
             assert stream.checksum == checksum and stream.num_tensors == len(sd)
 
 
+def _with_big(seed: int) -> dict[str, torch.Tensor]:
+    # 16 MB more than HTTP/2 flow control lets the server push ahead of a reader that has
+    # stopped, so the server-side stream of version 1 is still open while the client pauses.
+    return {**small_state(seed), "z.big": torch.full((4 << 20,), float(seed))}
+
+
 def test_evicted_buffers_are_reused_only_when_unread(server: WeightServer, tmp_path: Path) -> None:
-    server.publish(1, small_state(1))
+    server.publish(1, _with_big(1))
     first = server._versions[1].buffer
     with client_for(server) as c:
         stream = c.stream(1)
         got = dict([next(stream)])  # a worker is still pulling version 1 ...
-        server.publish(2, small_state(2))
-        server.publish(3, small_state(3))  # ... when it is evicted: its buffer must not be reused yet
+        server.publish(2, _with_big(2))
+        server.publish(3, _with_big(3))  # ... when it is evicted: its buffer must not be reused yet
         assert server._spare is None
         got.update(stream)
         assert_same({k: got[k] for k in small_state(1)}, small_state(1)) and stream.checksum is not None
+        assert torch.equal(got["z.big"], _with_big(1)["z.big"])
         deadline = time.monotonic() + 5
         while server._spare is not first and time.monotonic() < deadline:
             time.sleep(0.01)  # the server-side stream finishes just after the client's last read
         assert server._spare is first
-        server.publish(4, small_state(4))  # reuses it, fully rewritten
+        server.publish(4, _with_big(4))  # reuses it, fully rewritten
         assert server._versions[4].buffer is first
-        assert_same(c.fetch_state_dict(4)[1], small_state(4))
+        assert_same(c.fetch_state_dict(4)[1], _with_big(4))
     path = server.write_safetensors(4, tmp_path / "v4.safetensors")
     from safetensors.torch import load_file
 
-    assert_same(load_file(path), {k: v.contiguous() for k, v in small_state(4).items()})
+    assert_same(load_file(path), {k: v.contiguous() for k, v in _with_big(4).items()})

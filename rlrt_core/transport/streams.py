@@ -230,6 +230,7 @@ class StreamBus:
         # (name, group, consumer) -> id after which to re-read own pending entries; absent = done.
         self._own_history: dict[tuple[str, str, str], str] = {}
         self._known_consumers: set[tuple[str, str, str]] = set()
+        self._own_retry: dict[tuple[str, str, str], str] = {}  # re-reads that are not deliveries
         self._acks_since_trim: dict[str, int] = {}
         self.reconnects = 0
 
@@ -425,8 +426,10 @@ class StreamBus:
 
         def run() -> list[Entry]:
             out: list[Entry] = []
-            if mark in self._own_history:
-                out.extend(self._own_pending(name, group, consumer, count))
+            if mark in self._own_retry:
+                out.extend(self._own_pending_uncounted(name, group, consumer, count))
+            if mark in self._own_history and len(out) < count:
+                out.extend(self._own_pending(name, group, consumer, count - len(out)))
             if len(out) < count:
                 out.extend(self._reclaim(name, group, consumer, count - len(out)))
             if len(out) < count:
@@ -438,16 +441,39 @@ class StreamBus:
 
         return self._call(run, groups=[(name, group)])
 
-    def redeliver_pending(self, name: str, group: str, consumer: str) -> None:
+    def _own_pending_uncounted(self, name: str, group: str, consumer: str, count: int) -> list[Entry]:
+        """This consumer's pending entries via XPENDING + XRANGE, which (unlike XREADGROUP
+        with an id) leaves delivery counts unchanged; paged by id until all were re-read."""
+        key = self.key(name)
+        mark = (name, group, consumer)
+        rows = self.client.xpending_range(key, group, min=self._own_retry[mark], max="+", count=count,
+                                          consumername=consumer)
+        if len(rows) < count:
+            del self._own_retry[mark]
+        else:
+            self._own_retry[mark] = "(" + _s(rows[-1]["message_id"])
+        out = []
+        for r in rows:
+            i = _s(r["message_id"])
+            got = self.client.xrange(key, min=i, max=i, count=1)
+            out.append(self._entry(name, group, consumer, i, got[0][1] if got else {}, int(r["times_delivered"])))
+        return self._screen(out)
+
+    def redeliver_pending(self, name: str, group: str, consumer: str, *, count_delivery: bool = True) -> None:
         """Make the next `consume` by `consumer` re-read its own pending entries first.
 
         Call it after a batch failed half-way (e.g. the weight server was briefly down): the
         batch's entries are still pending for this consumer, and peers only reclaim other
         consumers' entries, so without this they would wait for another worker forever.
-        Re-reads count as deliveries: an entry that keeps failing reaches `max_deliveries`
-        and is dead-lettered."""
-        self._known_consumers.add((name, group, consumer))
-        self._own_history[(name, group, consumer)] = "0"
+        Re-reads count as deliveries, so an entry that keeps failing reaches `max_deliveries`
+        and is dead-lettered; with `count_delivery=False` (the failure was the infrastructure's,
+        e.g. Redis or the weight server briefly down, not the entry's) they do not."""
+        mark = (name, group, consumer)
+        self._known_consumers.add(mark)
+        if count_delivery:
+            self._own_history[mark] = "0"
+        else:
+            self._own_retry[mark] = "-"
 
     def consume_messages(self, name: str, group: str, consumer: str, cls: type[M], *, count: int = 16,
                          block_ms: int | None = None) -> list[tuple[Entry, M]]:

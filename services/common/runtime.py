@@ -29,6 +29,16 @@ def default_worker_id(service: str) -> str:
     return f"{service}-{socket.gethostname()}-{os.getpid()}"
 
 
+def is_transient(err: BaseException) -> bool:
+    """Infrastructure failures (Redis or the weight server briefly unreachable): the batch
+    is retried without charging its entries a delivery."""
+    import redis
+
+    from rlrt_core.weights.client import WeightServiceError
+
+    return isinstance(err, (redis.ConnectionError, redis.TimeoutError, WeightServiceError, ConnectionError))
+
+
 def setup_logging(worker: str) -> None:
     level = os.environ.get("RLRT_LOG_LEVEL", "INFO").upper()
     logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s [{worker}] %(name)s: %(message)s")
@@ -126,6 +136,13 @@ class ServiceRuntime:
                 continue
             if not did:
                 self.stop_event.wait(idle_sleep_s)
+
+    def retry_pending(self, stream: str, group: str) -> Callable[[BaseException], None]:
+        """`loop(on_error=...)` handler: a failed batch leaves its entries pending for this
+        worker; re-read them next round (a delivery only when the entry may be at fault)."""
+        def handler(err: BaseException) -> None:
+            self.bus.redeliver_pending(stream, group, self.worker, count_delivery=not is_transient(err))
+        return handler
 
     def close(self) -> None:
         self.set_ready(False, "stopping")

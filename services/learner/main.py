@@ -366,7 +366,7 @@ def run(cfg: RunConfig, worker: str) -> int:
     state["ckpt_step"] = state["step"]
     try:
         # A failed round leaves consumed entries pending for us: re-read them next round.
-        rt.loop(step, on_error=lambda _err: bus.redeliver_pending(IN, GROUP, worker))
+        rt.loop(step, on_error=rt.retry_pending(IN, GROUP))
         if state["step"] > state["ckpt_step"]:  # stopped by SIGTERM / Ctrl-C: keep the progress
             checkpoint()
     finally:

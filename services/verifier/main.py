@@ -76,7 +76,7 @@ def run(cfg: RunConfig, worker: str) -> int:
 
     try:
         # A failed batch leaves its entries pending for us: re-read them next round.
-        rt.loop(step, on_error=lambda _err: rt.bus.redeliver_pending(IN, GROUP, worker))
+        rt.loop(step, on_error=rt.retry_pending(IN, GROUP))
     finally:
         verifier.close()
         rt.close()
