@@ -169,9 +169,20 @@ def test_admin_endpoints_of_a_live_learner(tmp_path):
                        headers={"Authorization": "Bearer s3cret"})
         assert r.status_code == 200 and r.json() == {"max_staleness": 2}
         assert httpx.get(f"{base}/status").json()["max_staleness"] == 2
+        # bad input on a live pipeline: dead-lettered with a reason, the run keeps flowing
+        from rlrt_core.proto import trajectory_pb2 as pb
+
+        bus = StreamBus.from_url(REDIS_URL, cfg.run_name)
+        bus.publish("rollouts", b"\x08\xff\xff not a protobuf")
+        bus.publish("rollouts", pb.RolloutGroup(group_id="empty", run_id=cfg.run_name))
+        bus.publish("verified", pb.RolloutGroup(group_id="short", run_id=cfg.run_name,
+                                                completions=[pb.Completion(token_ids=[1], logprobs=[-1.0])]))
         rc = run.wait(timeout_s=300)
     assert rc == 0
-    bus = StreamBus.from_url(REDIS_URL, cfg.run_name)
+    reasons = [d.reason for d in bus.dead_letters()]
+    assert len(reasons) == 3, reasons
+    assert any("no completions" in r for r in reasons)
+    assert any("verifier results" in r for r in reasons)
     bus.delete_run()
 
 

@@ -26,6 +26,7 @@ from rlrt_core.prompts import teacher_prompt_ids
 from rlrt_core.proto import trajectory_pb2 as pb
 from rlrt_core.scoring import score_views
 from services.common.runtime import ServiceRuntime
+from services.common.stage import relay_groups
 from services.common.weight_sync import WeightSync
 
 log = logging.getLogger("rlrt.teacher")
@@ -147,30 +148,21 @@ def run(cfg: RunConfig, worker: str) -> int:
         del g.teacher_scores[:]
         g.teacher_scores.extend(scores)
 
+    def check(g: pb.RolloutGroup) -> str | None:
+        if len(g.verifier_results) != len(g.completions):
+            return f"{len(g.completions)} completions but {len(g.verifier_results)} verifier results"
+        return None
+
+    def handle(g: pb.RolloutGroup) -> None:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            score_group(g)
+        m.score_seconds.observe(time.perf_counter() - t0)
+        g.timestamps.scored_at = time.time()
+
     def step() -> bool:
         sync.sync()
-        pairs = rt.bus.consume_messages(IN, GROUP, worker, pb.RolloutGroup, count=4,
-                                        block_ms=cfg.transport.block_ms)
-        if not pairs:
-            return False
-        done, outputs = [], []
-        for e, g in pairs:
-            if len(g.verifier_results) != len(g.completions):
-                rt.bus.dead_letter(e, f"teacher: {len(g.completions)} completions but {len(g.verifier_results)} verifier results")
-                m.dead_lettered.labels(reason="bad_rollout_group").inc()
-                counters["dead"] += 1
-                continue
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                score_group(g)
-            m.score_seconds.observe(time.perf_counter() - t0)
-            g.timestamps.scored_at = time.time()
-            done.append(e)
-            outputs.append(g.SerializeToString())
-            counters["groups"] += 1
-        if done:
-            rt.bus.ack_many(done, outputs=[[(OUT, p)] for p in outputs])
-        return True
+        return relay_groups(rt, IN, OUT, GROUP, count=4, check=check, handle=handle, counters=counters)
 
     try:
         # A failed batch leaves its entries pending for us: re-read them next round.
