@@ -148,10 +148,7 @@ class ServiceRuntime:
         self.set_ready(False, "stopping")
         self.admin.stop()
         if self._registration is not None:
-            try:
-                self._registration.unlink()
-            except OSError:
-                pass
+            self._registration.unlink(missing_ok=True)
         if self._bus is not None:
             try:
                 self._bus.client.close()
