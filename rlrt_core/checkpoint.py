@@ -1,4 +1,4 @@
-"""Atomic, pickle-free checkpoints: safetensors for tensors, JSON for everything else.
+"""Atomic checkpoints that never unpickle: safetensors for tensors, JSON for everything else.
 
 Layout of one checkpoint (a directory, renamed into place only once complete):
 

@@ -15,7 +15,7 @@ micro-batch, finish (clip + optimizer step, or skip), and read the full weights.
   across ranks: memory scales, compute is replicated.
 - ZeRO-3: full parameters are gathered (`deepspeed.zero.GatheredParameters`) to publish weights
   and to write/read checkpoints. Its optimizer moments are not saved (they are partitioned and
-  DeepSpeed writes them only with pickle); a resumed ZeRO-3 run starts fresh Adam moments.
+  DeepSpeed writes them only through torch.save); a resumed ZeRO-3 run starts fresh Adam moments.
 - ZeRO-1/2: the client AdamW's state holds the flattened fp32 moments of this rank's partition;
   `rlrt_core.checkpoint` saves them with safetensors and a resume needs the same world size.
 

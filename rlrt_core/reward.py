@@ -287,7 +287,7 @@ def math_reward(completion: str, reference_answer: str, *, mode: Mode = "boxed")
 
 # --------------------------------------------------------------------------- worker pool
 
-# Parent <-> worker messages are JSON bytes (plain strings and numbers, no pickle):
+# Parent <-> worker messages are JSON bytes (plain strings and numbers; nothing is unpickled):
 #   parent -> worker: {"mode": m, "tasks": [[task_id, completion, answer], ...]} or null to stop
 #   worker -> parent: ["ready", pid] once, then one [task_id, reward, extracted, reason, outcome]
 #   per task, in order, as soon as it is done (so the parent times each task separately).
