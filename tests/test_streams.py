@@ -54,7 +54,7 @@ def make_bus(url: str):
 
 
 def group_msg(gid: str, run: str = "run") -> pb.RolloutGroup:
-    g = pb.RolloutGroup(group_id=gid, run_id=run, version=1, engine="torch", worker_id="w")
+    g = pb.RolloutGroup(group_id=gid, run_id=run, version=1, engine="torch", worker_id="w", prompt_ids=[5, 6])
     g.problem.id, g.problem.prompt, g.problem.answer = "p", "1+1", "2"
     c = g.completions.add(finish_reason="stop", text="2")
     c.token_ids.extend([1, 2, 3])

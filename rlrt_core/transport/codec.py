@@ -49,6 +49,48 @@ class MalformedMessage(ValueError):
     """A stream entry that cannot be used: undecodable bytes or inconsistent contents."""
 
 
+# Upper bound on completions per group, whatever the recipe (config allows up to this too).
+MAX_SAMPLES = 1024
+# A log-probability is <= 0; allow float rounding of engines and scorers.
+_LOGPROB_TOL = 1e-3
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a stage knows about valid values beyond a message's own consistency; None skips
+    a check. vocab_size: token ids must be < it; max_model_len: prompt + completion tokens
+    must fit; max_samples: completions per group; max_version: newest weight version that can
+    exist (the learner's own version, at the learner)."""
+
+    vocab_size: int | None = None
+    max_model_len: int | None = None
+    max_samples: int = MAX_SAMPLES
+    max_version: int | None = None
+
+
+def _finite(values: Any, what: str, *, upper: float | None = None, lower: float | None = None) -> None:
+    import numpy as np
+
+    a = np.asarray(values, dtype=np.float64)
+    if a.size == 0:
+        return
+    if not np.isfinite(a).all():
+        raise MalformedMessage(f"{what}: {int((~np.isfinite(a)).sum())} non-finite value(s)")
+    if upper is not None and a.max() > upper:
+        raise MalformedMessage(f"{what}: value {a.max():.4g} above {upper}")
+    if lower is not None and a.min() < lower:
+        raise MalformedMessage(f"{what}: value {a.min():.4g} below {lower}")
+
+
+def _token_ids(ids: Any, what: str, vocab_size: int | None) -> None:
+    if not len(ids):
+        return
+    lo, hi = min(ids), max(ids)
+    if lo < 0 or (vocab_size is not None and hi >= vocab_size):
+        bad = lo if lo < 0 else hi
+        raise MalformedMessage(f"{what}: token id {bad} outside the vocabulary [0, {vocab_size})")
+
+
 # ---------------------------------------------------------------------------------------
 # Bytes <-> messages
 
@@ -58,9 +100,9 @@ def encode(msg: Message) -> bytes:
     return msg.SerializeToString()
 
 
-def decode(data: bytes | None, cls: type[M], *, validate_fields: bool = True) -> M:
-    """Parse `data` as `cls` and (by default) check its invariants; raise `MalformedMessage`
-    naming the problem instead of returning a half-valid message."""
+def decode(data: bytes | None, cls: type[M], *, validate_fields: bool = True, limits: Limits | None = None) -> M:
+    """Parse `data` as `cls` and (by default) check its invariants (and `limits`); raise
+    `MalformedMessage` naming the problem instead of returning a half-valid message."""
     if data is None:
         raise MalformedMessage(f"entry has no 'data' field (expected {cls.DESCRIPTOR.full_name})")
     try:
@@ -68,38 +110,78 @@ def decode(data: bytes | None, cls: type[M], *, validate_fields: bool = True) ->
     except (DecodeError, ValueError, TypeError) as err:
         raise MalformedMessage(f"cannot decode {cls.DESCRIPTOR.full_name} ({len(data)} bytes): {err}") from None
     if validate_fields:
-        validate(msg)
+        validate(msg, limits)
     return msg
 
 
-def validate(msg: Message) -> None:
-    """Check the invariants later stages rely on; raise `MalformedMessage` otherwise."""
+def validate(msg: Message, limits: Limits | None = None) -> None:
+    """Check every field later stages rely on; raise `MalformedMessage` naming the first
+    problem. Called once per entry where it enters a stage (`StreamBus.consume_messages`),
+    so a bad entry is dead-lettered alone and its batch-mates proceed."""
+    lim = limits or Limits()
     name = msg.DESCRIPTOR.full_name
     if isinstance(msg, (pb.PromptTask, pb.RolloutGroup)):
         if not msg.group_id:
             raise MalformedMessage(f"{name} has an empty group_id")
         if not msg.run_id:
             raise MalformedMessage(f"{name} {msg.group_id!r} has an empty run_id")
-    if isinstance(msg, pb.PromptTask) and msg.n_samples < 1:
-        raise MalformedMessage(f"PromptTask {msg.group_id!r} asks for n_samples={msg.n_samples}")
+        if msg.min_version < 0:
+            raise MalformedMessage(f"{name} {msg.group_id!r} has min_version {msg.min_version} < 0")
+        if lim.max_version is not None and msg.min_version > lim.max_version:
+            raise MalformedMessage(f"{name} {msg.group_id!r} has min_version {msg.min_version}, ahead of the "
+                                   f"newest weight version {lim.max_version}")
+    if isinstance(msg, pb.PromptTask):
+        if not 1 <= msg.n_samples <= lim.max_samples:
+            raise MalformedMessage(f"PromptTask {msg.group_id!r} asks for n_samples={msg.n_samples} "
+                                   f"(allowed 1..{lim.max_samples})")
+        if not msg.problem.prompt:
+            raise MalformedMessage(f"PromptTask {msg.group_id!r} has an empty problem.prompt")
     if isinstance(msg, pb.RolloutGroup):
+        g = repr(msg.group_id)
         k = len(msg.completions)
         if k == 0:
-            raise MalformedMessage(f"RolloutGroup {msg.group_id!r} has no completions")
+            raise MalformedMessage(f"RolloutGroup {g} has no completions")
+        if k > lim.max_samples:
+            raise MalformedMessage(f"RolloutGroup {g} has {k} completions (allowed 1..{lim.max_samples})")
+        if msg.version < 0:
+            raise MalformedMessage(f"RolloutGroup {g} has weight version {msg.version} < 0")
+        if msg.version < msg.min_version:
+            raise MalformedMessage(f"RolloutGroup {g} was generated with version {msg.version} < its "
+                                   f"min_version {msg.min_version}")
+        if lim.max_version is not None and msg.version > lim.max_version:
+            raise MalformedMessage(f"RolloutGroup {g} claims weight version {msg.version}, ahead of the newest "
+                                   f"version {lim.max_version}")
+        if not len(msg.prompt_ids):
+            raise MalformedMessage(f"RolloutGroup {g} has no prompt_ids")
+        _token_ids(msg.prompt_ids, f"RolloutGroup {g} prompt_ids", lim.vocab_size)
         for i, c in enumerate(msg.completions):
-            if len(c.logprobs) not in (0, len(c.token_ids)):
-                raise MalformedMessage(f"RolloutGroup {msg.group_id!r} completion {i}: "
-                                       f"{len(c.logprobs)} log-probs for {len(c.token_ids)} tokens")
+            where = f"RolloutGroup {g} completion {i}"
+            if not len(c.token_ids):
+                raise MalformedMessage(f"{where} has no tokens")
+            if len(c.logprobs) != len(c.token_ids):
+                raise MalformedMessage(f"{where}: {len(c.logprobs)} log-probs for {len(c.token_ids)} tokens")
+            _token_ids(c.token_ids, where, lim.vocab_size)
+            if lim.max_model_len is not None and len(msg.prompt_ids) + len(c.token_ids) > lim.max_model_len:
+                raise MalformedMessage(f"{where}: prompt + completion = {len(msg.prompt_ids) + len(c.token_ids)} "
+                                       f"tokens exceed model.max_model_len ({lim.max_model_len})")
+            _finite(c.logprobs, f"{where} behaviour log-probs", upper=_LOGPROB_TOL)
         for field, n in (("verifier_results", len(msg.verifier_results)), ("teacher_scores", len(msg.teacher_scores))):
             if n not in (0, k):
-                raise MalformedMessage(f"RolloutGroup {msg.group_id!r} has {n} {field} for {k} completions")
+                raise MalformedMessage(f"RolloutGroup {g} has {n} {field} for {k} completions")
+        _finite([v.reward for v in msg.verifier_results], f"RolloutGroup {g} rewards")
         for i, s in enumerate(msg.teacher_scores):
             t = len(msg.completions[i].token_ids)
             # An empty score is a rollout the method does not reweight (weight 1).
             scored = len(s.student_logprobs) or len(s.teacher_logprobs)
             if scored and (len(s.student_logprobs) != t or len(s.teacher_logprobs) != t):
-                raise MalformedMessage(f"RolloutGroup {msg.group_id!r} teacher score {i}: "
+                raise MalformedMessage(f"RolloutGroup {g} teacher score {i}: "
                                        f"{len(s.student_logprobs)}/{len(s.teacher_logprobs)} log-probs for {t} tokens")
+            _finite(s.student_logprobs, f"RolloutGroup {g} teacher score {i} student log-probs", upper=_LOGPROB_TOL)
+            _finite(s.teacher_logprobs, f"RolloutGroup {g} teacher score {i} teacher log-probs", upper=_LOGPROB_TOL)
+            if len(s.position_kl) not in (0, t):
+                raise MalformedMessage(f"RolloutGroup {g} teacher score {i}: {len(s.position_kl)} D̄_t values "
+                                       f"for {t} tokens")
+            _finite(s.position_kl, f"RolloutGroup {g} teacher score {i} D̄_t", lower=-_LOGPROB_TOL)
 
 
 # ---------------------------------------------------------------------------------------

@@ -60,13 +60,10 @@ from typing import Any, Callable, Iterable, Sequence, TypeVar
 import redis
 from google.protobuf.message import Message
 
-from rlrt_core.transport.codec import MalformedMessage, decode
+from rlrt_core.stages import DEAD_STREAM, PIPELINE_STREAMS, STAGE_GROUPS, STREAM_NAMES
+from rlrt_core.transport.codec import Limits, MalformedMessage, decode
 
 log = logging.getLogger(__name__)
-
-STREAM_NAMES = ("prompts", "rollouts", "verified", "scored", "dead")
-# The consumer group of the stage that reads each stream.
-STAGE_GROUPS = {"prompts": "rollout", "rollouts": "verifier", "verified": "teacher", "scored": "learner"}
 
 M = TypeVar("M", bound=Message)
 T = TypeVar("T")
@@ -182,6 +179,8 @@ class DeadLetter:
     deliveries: int
     type: str
     payload: bytes | None
+    gid: str = ""       # group id of the entry, when its producer wrote one
+    kind: str = ""
 
 
 def default_consumer_name(prefix: str = "") -> str:
@@ -233,6 +232,10 @@ class StreamBus:
         self._own_retry: dict[tuple[str, str, str], str] = {}  # re-reads that are not deliveries
         self._acks_since_trim: dict[str, int] = {}
         self.reconnects = 0
+        # Observers for metrics (set by the owner): entries reclaimed from idle consumers and
+        # entries dead-lettered by the bus itself, per stream / kind.
+        self.on_claim: Callable[[str, int], None] | None = None
+        self.on_dead_letter: Callable[[str, str], None] | None = None
 
     @classmethod
     def from_url(cls, url: str, run: str, **kwargs: Any) -> "StreamBus":
@@ -284,8 +287,10 @@ class StreamBus:
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 self.reconnects += 1
-                # Replies may have been lost: re-read own pending entries on the next consume.
-                self._own_history = {k: "0" for k in self._known_consumers}
+                # Replies may have been lost: re-read own pending entries on the next consume,
+                # without charging them a delivery (a Redis blip is not the entries' fault).
+                for k in self._known_consumers:
+                    self._own_retry.setdefault(k, "-")
             except redis.ResponseError as err:
                 if "NOGROUP" not in str(err) or regrouped:
                     raise
@@ -315,8 +320,14 @@ class StreamBus:
 
     @staticmethod
     def _fields(message: Message | bytes) -> dict[str, bytes | str]:
+        # `gid` (the group id, when the message has one) lets the learner's ledger find which
+        # groups are in flight without decoding payloads, and dead letters keep it.
         if isinstance(message, Message):
-            return {"type": message.DESCRIPTOR.full_name, "data": message.SerializeToString()}
+            fields: dict[str, bytes | str] = {"type": message.DESCRIPTOR.full_name, "data": message.SerializeToString()}
+            gid = getattr(message, "group_id", "")
+            if gid:
+                fields["gid"] = gid
+            return fields
         if not isinstance(message, (bytes, bytearray, memoryview)):
             raise TypeError(f"stream payloads are protobuf messages or bytes, not {type(message).__name__}")
         return {"type": "", "data": bytes(message)}
@@ -326,27 +337,40 @@ class StreamBus:
         `BackpressureError` when the stream already holds `maxlen` still-needed entries."""
         return self.publish_many(name, [message])[0]
 
-    def publish_many(self, name: str, messages: Sequence[Message | bytes]) -> list[str]:
-        """Append messages in one round trip (pipeline); same backpressure rule as `publish`."""
+    def room(self, name: str) -> int:
+        """How many more entries `publish` accepts on stream `name` now (trims first if full)."""
         key = self.key(name)
-        if name == "dead":
+        length = self._call(lambda: self.client.xlen(key))
+        if length >= self.maxlen:
+            self.trim(name)
+            length = self._call(lambda: self.client.xlen(key))
+        return max(0, self.maxlen - int(length))
+
+    def publish_many(self, name: str, messages: Sequence[Message | bytes], *,
+                     pre: Callable[[Any], None] | None = None) -> list[str]:
+        """Append messages in one round trip (pipeline); same backpressure rule as `publish`.
+        `pre(pipe)` may queue more commands that run in the same round trip, first."""
+        key = self.key(name)
+        if name == DEAD_STREAM:
             raise ValueError("use dead_letter() to write to the dead stream")
         if not messages:
             return []
         payloads = [self._fields(m) for m in messages]
-        length = self._call(lambda: self.client.xlen(key))
-        if length + len(messages) > self.maxlen:
-            self.trim(name)
-            length = self._call(lambda: self.client.xlen(key))
-            if length + len(messages) > self.maxlen:
-                raise BackpressureError(f"stream {key} holds {length} entries still needed by its consumers; "
-                                        f"adding {len(messages)} would exceed maxlen={self.maxlen}")
+        room = self.room(name)
+        if len(messages) > room:
+            raise BackpressureError(f"stream {key} holds {self.maxlen - room} entries still needed by its consumers; "
+                                    f"adding {len(messages)} would exceed maxlen={self.maxlen}")
 
         def run() -> list[str]:
-            pipe = self.client.pipeline(transaction=False)
+            pipe = self.client.pipeline(transaction=True)
+            n_pre = 0
+            if pre is not None:
+                before = len(pipe.command_stack)
+                pre(pipe)
+                n_pre = len(pipe.command_stack) - before
             for fields in payloads:
                 pipe.xadd(key, fields)
-            return [_s(i) for i in pipe.execute()]
+            return [_s(i) for i in pipe.execute()[n_pre:]]
 
         return self._call(run)
 
@@ -369,7 +393,7 @@ class StreamBus:
                 self.client.xack(self.key(e.stream), e.group, e.id)
             elif e.deliveries > self.max_deliveries:
                 self.dead_letter(e, f"delivered {e.deliveries} times (max_deliveries={self.max_deliveries}): "
-                                    "its consumers kept dying or timing out")
+                                    "its consumers kept dying or timing out", kind="max_deliveries")
             else:
                 out.append(e)
         return out
@@ -386,6 +410,8 @@ class StreamBus:
         # XCLAIM re-checks the idle time: an entry a peer claimed a moment ago is not returned.
         claimed = self.client.xclaim(key, group, consumer, self.claim_idle_ms, list(before))
         entries = [self._entry(name, group, consumer, i, f, before.get(_s(i), 0) + 1) for i, f in claimed]
+        if entries and self.on_claim is not None:
+            self.on_claim(name, len(entries))
         return self._screen(entries)
 
     def _own_pending(self, name: str, group: str, consumer: str, count: int) -> list[Entry]:
@@ -476,22 +502,22 @@ class StreamBus:
             self._own_retry[mark] = "-"
 
     def consume_messages(self, name: str, group: str, consumer: str, cls: type[M], *, count: int = 16,
-                         block_ms: int | None = None) -> list[tuple[Entry, M]]:
-        """`consume` plus decoding as `cls`. Entries that do not decode, fail validation,
-        carry another message type or belong to another run are dead-lettered with the
-        reason and left out, so valid ones keep flowing."""
+                         block_ms: int | None = None, limits: Limits | None = None) -> list[tuple[Entry, M]]:
+        """`consume` plus decoding as `cls` and validation (`codec.validate` with `limits`).
+        Entries that do not decode, fail validation, carry another message type or belong
+        to another run are dead-lettered alone with the reason, so valid ones keep flowing."""
         out = []
         for entry in self.consume(name, group, consumer, count=count, block_ms=block_ms):
             try:
                 if entry.type and entry.type != cls.DESCRIPTOR.full_name:
                     raise MalformedMessage(f"entry holds {entry.type}, expected {cls.DESCRIPTOR.full_name}")
-                msg = decode(entry.payload, cls)
+                msg = decode(entry.payload, cls, limits=limits)
                 run_id = getattr(msg, "run_id", None)
                 if run_id is not None and run_id != self.run:
                     raise MalformedMessage(f"message of run {run_id!r} on a stream of run {self.run!r}")
             except MalformedMessage as err:
                 log.warning("dead-lettering %s %s: %s", self.key(name), entry.id, err)
-                self.dead_letter(entry, str(err))
+                self.dead_letter(entry, str(err), kind="malformed")
                 continue
             out.append((entry, msg))
         return out
@@ -514,7 +540,7 @@ class StreamBus:
         keys = [self.key(entry.stream), self.done_key(entry.group)]
         args: list[Any] = [entry.group, entry.consumer, entry.id, dedupe_id or ""]
         for name, message in outputs:
-            if name == "dead":
+            if name == DEAD_STREAM:
                 raise ValueError("use dead_letter() to write to the dead stream")
             keys.append(self.key(name))
             fields = self._fields(message)
@@ -523,7 +549,7 @@ class StreamBus:
                 args += [k, v]
         for name, fields in extra:
             keys.append(self.key(name))
-            args += [self.maxlen if name == "dead" else 0, len(fields)]
+            args += [self.maxlen if name == DEAD_STREAM else 0, len(fields)]
             for k, v in fields.items():
                 args += [k, v]
         return keys, args
@@ -566,16 +592,23 @@ class StreamBus:
         self._after_acks(entries)
         return statuses
 
-    def dead_letter(self, entry: Entry, reason: str) -> AckStatus:
-        """Move `entry` to the `dead` stream with `reason`, atomically with its ack."""
+    def dead_letter(self, entry: Entry, reason: str, *, kind: str = "invalid") -> AckStatus:
+        """Move `entry` to the `dead` stream with `reason`, atomically with its ack. `kind`
+        is a short label for metrics (`on_dead_letter`), e.g. "malformed", "invalid"."""
         fields: dict[str, Any] = {"source": entry.stream, "source_id": entry.id, "group": entry.group,
                                   "consumer": entry.consumer, "reason": reason, "deliveries": entry.deliveries,
-                                  "type": entry.type, "at": f"{time.time():.6f}"}
+                                  "type": entry.type, "kind": kind, "at": f"{time.time():.6f}"}
         if entry.payload is not None:
             fields["data"] = entry.payload
-        keys, args = self._ack_args(entry, (), None, extra=[("dead", fields)])
-        return AckStatus(_s(self._call(lambda: self._ack_script(keys=keys, args=args),
-                                       groups=[(entry.stream, entry.group)])))
+        gid = entry.fields.get("gid")
+        if gid:
+            fields["gid"] = gid
+        keys, args = self._ack_args(entry, (), None, extra=[(DEAD_STREAM, fields)])
+        status = AckStatus(_s(self._call(lambda: self._ack_script(keys=keys, args=args),
+                                         groups=[(entry.stream, entry.group)])))
+        if status is AckStatus.OK and self.on_dead_letter is not None:
+            self.on_dead_letter(entry.stream, kind)
+        return status
 
     def seen(self, ids: Sequence[str], group: str = "learner") -> list[bool]:
         """Whether each id is already in `group`'s done-set (see `ack(dedupe_id=...)`)."""
@@ -591,17 +624,71 @@ class StreamBus:
         key = self.key(name)
         return int(self._call(lambda: self._trim_script(keys=[key], args=[])))
 
+    @staticmethod
+    def _dead(entry_id: Any, raw: dict) -> DeadLetter:
+        f = {_s(k): v for k, v in raw.items()}
+        return DeadLetter(id=_s(entry_id), source=_s(f.get("source", b"")), source_id=_s(f.get("source_id", b"")),
+                          group=_s(f.get("group", b"")), reason=_s(f.get("reason", b"")),
+                          deliveries=int(f.get("deliveries", 0)), type=_s(f.get("type", b"")), payload=f.get("data"),
+                          gid=_s(f.get("gid", b"")), kind=_s(f.get("kind", b"")))
+
     def dead_letters(self, count: int = 100) -> list[DeadLetter]:
         """The newest `count` dead letters, newest first."""
-        rows = self._call(lambda: self.client.xrevrange(self.key("dead"), count=count))
-        out = []
-        for entry_id, raw in rows:
-            f = {_s(k): v for k, v in raw.items()}
-            out.append(DeadLetter(id=_s(entry_id), source=_s(f.get("source", b"")),
-                                  source_id=_s(f.get("source_id", b"")), group=_s(f.get("group", b"")),
-                                  reason=_s(f.get("reason", b"")), deliveries=int(f.get("deliveries", 0)),
-                                  type=_s(f.get("type", b"")), payload=f.get("data")))
-        return out
+        rows = self._call(lambda: self.client.xrevrange(self.key(DEAD_STREAM), count=count))
+        return [self._dead(i, raw) for i, raw in rows]
+
+    def dead_letters_after(self, after_id: str = "0-0", count: int = 1000) -> list[DeadLetter]:
+        """Dead letters with ids after `after_id`, oldest first (to follow the stream)."""
+        rows = self._call(lambda: self.client.xrange(self.key(DEAD_STREAM), min=f"({after_id}", max="+", count=count))
+        return [self._dead(i, raw) for i, raw in rows]
+
+    def in_flight_ids(self) -> set[str]:
+        """Group ids of every unfinished entry of the pipeline streams (pending for a consumer
+        or not yet delivered to the stage's group). Streams are read upstream first: entries
+        only ever move downstream, so one that moves during the scan is seen at least once.
+        Costs a read of every in-flight entry: meant for recovery, not for every round."""
+
+        def gid_of(fields: dict) -> str:
+            f = {_s(k): v for k, v in fields.items()}
+            if "gid" in f:
+                return _s(f["gid"])
+            try:  # an entry written without the field: decode it
+                from rlrt_core.proto import trajectory_pb2 as pb
+
+                cls = pb.PromptTask if _s(f.get("type", b"")).endswith("PromptTask") else pb.RolloutGroup
+                return cls.FromString(bytes(f.get("data", b""))).group_id
+            except Exception:
+                return ""
+
+        def run() -> set[str]:
+            out: set[str] = set()
+            for name in PIPELINE_STREAMS:
+                key, group = self.key(name), STAGE_GROUPS[name]
+                if not self.client.exists(key):
+                    continue
+                groups = {_s(g["name"]): g for g in self.client.xinfo_groups(key)}
+                if group not in groups:  # never read: everything in the stream is in flight
+                    rows = self.client.xrange(key, min="-", max="+")
+                    out.update(gid_of(f) for _, f in rows)
+                    continue
+                last = _s(groups[group]["last-delivered-id"])
+                start = "-"
+                while True:
+                    pend = self.client.xpending_range(key, group, min=start, max="+", count=500)
+                    for r in pend:
+                        i = _s(r["message_id"])
+                        got = self.client.xrange(key, min=i, max=i, count=1)
+                        if got:
+                            out.add(gid_of(got[0][1]))
+                    if len(pend) < 500:
+                        break
+                    start = "(" + _s(pend[-1]["message_id"])
+                for _, f in self.client.xrange(key, min=f"({last}", max="+"):
+                    out.add(gid_of(f))
+            out.discard("")
+            return out
+
+        return self._call(run)
 
     def stats(self) -> dict[str, StreamStats]:
         """Per stream (JSON-ready): {"key", "length", "groups": {group: {"pending", "lag",
@@ -627,7 +714,7 @@ class StreamBus:
 
         return self._call(run)
 
-    def backlog(self, names: Sequence[str] = ("prompts", "rollouts", "verified", "scored")) -> int:
+    def backlog(self, names: Sequence[str] = PIPELINE_STREAMS) -> int:
         """Entries the stage groups (`STAGE_GROUPS`) of `names` still have to finish (pending
         + not yet delivered). Each in-flight prompt group is exactly one such entry (every
         stage writes its output atomically with its ack), so this is the learner's true
