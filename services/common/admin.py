@@ -1,15 +1,20 @@
 """The admin HTTP app every service runs: health, readiness, status, Prometheus metrics,
 and token-protected control actions.
 
-`/healthz` answers while the process's main loop is alive; `/readyz` once the service can
-do work (model loaded, Redis reachable); `/status` is a JSON snapshot; `/metrics` is the
-Prometheus exposition of the service's own registry. Anything that changes behaviour is a
-POST under `/admin/...` and needs `Authorization: Bearer <metrics.admin_token>`.
+`/healthz` (liveness) fails when the main loop is silent, or when the service has made no
+progress for `stall_timeout_s` while work waits for it or while it waits for something that
+does not come (a weight version, Redis); the body says which. `/readyz` once the service can
+do work (model loaded, Redis reachable), with every service of the run seen in Redis, dead
+ones included; `/status` is a JSON snapshot; `/metrics` is the Prometheus exposition of the
+service's own registry. Anything that changes behaviour is a POST under `/admin/...` and
+needs `Authorization: Bearer <metrics.admin_token>`: the token is checked before a byte of
+the body is read, and bodies are capped at `MAX_BODY_BYTES`.
 """
 
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import threading
 import time
@@ -17,13 +22,14 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import uvicorn
-from fastapi import Depends, FastAPI, Header, HTTPException, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 64 * 1024  # admin bodies are a few bytes of JSON
 
 
 @dataclass
@@ -43,39 +49,127 @@ class ServiceState:
     status: Callable[[], dict[str, Any]] = field(default=lambda: {})
     # name -> (pydantic body model or None, handler(body) -> dict)
     actions: dict[str, tuple[type[BaseModel] | None, Callable[[Any], dict[str, Any]]]] = field(default_factory=dict)
+    # Progress: last time the service finished a unit of work; `backlog` = entries waiting for
+    # it (refreshed from Redis); `waiting_for` = what it blocks on right now and since when.
+    last_progress: float = field(default_factory=time.time)
+    stall_timeout_s: float = 600.0
+    backlog: int = 0
+    waiting_for: str | None = None
+    waiting_since: float | None = None
+    services: Callable[[], list[dict[str, Any]]] = field(default=lambda: [])
 
     def beat(self) -> None:
         self.last_heartbeat = time.time()
 
+    def progressed(self) -> None:
+        self.last_progress = time.time()
+
+    def wait_for(self, what: str | None) -> None:
+        """Record what the service blocks on (None: nothing)."""
+        if what is None:
+            self.waiting_for = self.waiting_since = None
+        elif what != self.waiting_for:
+            self.waiting_for, self.waiting_since = what, time.time()
+
+    def liveness(self) -> tuple[bool, str]:
+        """(alive, reason) as /healthz reports it."""
+        now = time.time()
+        age = now - self.last_heartbeat
+        if age > self.heartbeat_timeout_s:
+            return False, f"main loop silent for {age:.0f}s"
+        idle = now - self.last_progress
+        if idle > self.stall_timeout_s and self.waiting_for is not None:
+            since = now - (self.waiting_since or now)
+            return False, (f"no progress for {idle:.0f}s, waiting for {self.waiting_for} for {since:.0f}s "
+                           f"(stall_timeout_s={self.stall_timeout_s:.0f})")
+        if idle > self.stall_timeout_s and self.backlog > 0:
+            return False, (f"no progress for {idle:.0f}s while {self.backlog} entries wait for it "
+                           f"(stall_timeout_s={self.stall_timeout_s:.0f})")
+        return True, "ok"
+
+
+class _AdminGuard:
+    """ASGI middleware in front of `/admin/*`: refuse a missing or wrong token before any of
+    the body is read, and refuse bodies over `MAX_BODY_BYTES` (413) while reading them."""
+
+    def __init__(self, app: Any, state: ServiceState) -> None:
+        self.app = app
+        self.state = state
+
+    @staticmethod
+    async def _reply(send: Any, status: int, body: dict[str, Any], headers: list | None = None) -> None:
+        data = json.dumps(body).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                                *(headers or [])]})
+        await send({"type": "http.response.body", "body": data})
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope.get("type") != "http" or not scope.get("path", "").startswith("/admin/"):
+            await self.app(scope, receive, send)
+            return
+        headers = {k.lower(): v for k, v in scope.get("headers", [])}
+        token = self.state.admin_token
+        if not token:
+            await self._reply(send, 403, {"detail": "admin actions are disabled: set metrics.admin_token"})
+            return
+        given = headers.get(b"authorization", b"")
+        if not hmac.compare_digest(given, f"Bearer {token}".encode()):
+            await self._reply(send, 401, {"detail": "missing or wrong bearer token"},
+                              [(b"www-authenticate", b"Bearer")])
+            return
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            await self._reply(send, 413, {"detail": f"request body over {MAX_BODY_BYTES} bytes"})
+            return
+        chunks, size = [], 0
+        while True:  # read the (authorised) body with a cap, then replay it to the app
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            chunk = msg.get("body", b"")
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                await self._reply(send, 413, {"detail": f"request body over {MAX_BODY_BYTES} bytes"})
+                return
+            chunks.append(chunk)
+            if not msg.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        sent = False
+
+        async def replay() -> dict:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
 
 def make_admin_app(state: ServiceState) -> FastAPI:
     app = FastAPI(title=f"rlrt {state.service}", docs_url=None, redoc_url=None)
-
-    @app.exception_handler(RequestValidationError)
-    async def _bad_body(_req: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{"field": ".".join(str(p) for p in e["loc"] if p != "body"), "error": e["msg"]} for e in exc.errors()]
-        return JSONResponse(status_code=422, content={"detail": "invalid request body", "errors": errors})
-
-    def require_token(authorization: str | None = Header(default=None)) -> None:
-        if not state.admin_token:
-            raise HTTPException(status_code=403, detail="admin actions are disabled: set metrics.admin_token")
-        expected = f"Bearer {state.admin_token}"
-        if authorization is None or not hmac.compare_digest(authorization.encode(), expected.encode()):
-            raise HTTPException(status_code=401, detail="missing or wrong bearer token",
-                                headers={"WWW-Authenticate": "Bearer"})
+    app.add_middleware(_AdminGuard, state=state)
 
     @app.get("/healthz")
     def healthz() -> JSONResponse:
-        age = time.time() - state.last_heartbeat
-        if age > state.heartbeat_timeout_s:
-            return JSONResponse(status_code=503, content={"ok": False, "reason": f"main loop silent for {age:.0f}s"})
-        return JSONResponse({"ok": True})
+        ok, reason = state.liveness()
+        body = {"ok": ok, "reason": reason, "backlog": state.backlog,
+                "seconds_since_progress": round(time.time() - state.last_progress, 1),
+                "waiting_for": state.waiting_for}
+        return JSONResponse(status_code=200 if ok else 503, content=body)
+
+    def _services() -> list[dict[str, Any]]:
+        try:
+            return state.services()
+        except Exception as err:  # Redis down: say so rather than fail the probe
+            return [{"error": repr(err)}]
 
     @app.get("/readyz")
     def readyz() -> JSONResponse:
-        if not state.ready:
-            return JSONResponse(status_code=503, content={"ready": False, "reason": state.ready_reason})
-        return JSONResponse({"ready": True})
+        body = {"ready": state.ready, "reason": state.ready_reason, "services": _services()}
+        return JSONResponse(status_code=200 if state.ready else 503, content=body)
 
     @app.get("/status")
     def status() -> JSONResponse:
@@ -92,22 +186,38 @@ def make_admin_app(state: ServiceState) -> FastAPI:
         return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)
 
     for name, (body_model, handler) in state.actions.items():
-        _register_action(app, name, body_model, handler, require_token)
+        _register_action(app, name, body_model, handler)
     return app
 
 
+class ActionRefused(ValueError):
+    """An admin action that cannot be applied: answered 422 naming `field`."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 def _register_action(app: FastAPI, name: str, body_model: type[BaseModel] | None,
-                     handler: Callable[[Any], dict[str, Any]], require_token: Callable[..., None]) -> None:
-    if body_model is None:
-        def endpoint_nobody(_auth: None = Depends(require_token)) -> dict[str, Any]:
-            return handler(None)
-        app.post(f"/admin/{name}")(endpoint_nobody)
-    else:
-        def endpoint(body, _auth: None = Depends(require_token)) -> dict[str, Any]:
-            return handler(body)
-        # Real class objects, not postponed strings: FastAPI reads them to parse the body.
-        endpoint.__annotations__ = {"body": body_model, "_auth": None, "return": dict[str, Any]}
-        app.post(f"/admin/{name}")(endpoint)
+                     handler: Callable[[Any], dict[str, Any]]) -> None:
+    # The token was checked by _AdminGuard before the body was read; the body is parsed here.
+    async def endpoint(request: Request) -> JSONResponse:
+        body = None
+        if body_model is not None:
+            raw = await request.body()
+            try:
+                body = body_model.model_validate_json(raw or b"{}")
+            except ValidationError as err:
+                errors = [{"field": ".".join(str(p) for p in e["loc"]) or "<body>", "error": e["msg"]}
+                          for e in err.errors()]
+                return JSONResponse(status_code=422, content={"detail": "invalid request body", "errors": errors})
+        try:
+            return JSONResponse(handler(body))
+        except ActionRefused as err:
+            return JSONResponse(status_code=422, content={"detail": str(err),
+                                                          "errors": [{"field": err.field, "error": str(err)}]})
+
+    app.post(f"/admin/{name}")(endpoint)
 
 
 class AdminServer:

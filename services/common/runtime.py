@@ -3,6 +3,11 @@
 A service is a loop of `step()` calls until SIGTERM/SIGINT; in-flight stream entries are
 either finished or released (they stay pending and a peer's reclaim picks them up), so a
 stopped worker loses nothing.
+
+A background thread refreshes, every `metrics.bus_stats_every_s`, the `rlrt_bus_*` queue
+gauges of every stream and the service's own backlog (what /healthz compares progress
+with), and writes the service's heartbeat into the run's service table in Redis, which
+/readyz and `rlrt status` read to show every service of the run, dead ones included.
 """
 
 from __future__ import annotations
@@ -20,9 +25,47 @@ from typing import Any, Callable
 from prometheus_client import CollectorRegistry
 
 from rlrt_core.config import RunConfig
+from rlrt_core.stages import stage
 from services.common.admin import AdminServer, ServiceState
 
 log = logging.getLogger("rlrt")
+
+
+def services_key(prefix: str, run: str) -> str:
+    """Redis hash of the run's services: worker -> JSON heartbeat (see `ServiceRuntime`)."""
+    return f"{prefix}:{run}:services"
+
+
+def read_services(client: Any, prefix: str, run: str, *, heartbeat_s: float = 5.0) -> list[dict[str, Any]]:
+    """Every service that ever registered in this run, with `alive` (heartbeat younger than
+    3 periods and not stopped) and `last_seen_s` (seconds since its last heartbeat)."""
+    now = time.time()
+    out = []
+    for worker, raw in (client.hgetall(services_key(prefix, run)) or {}).items():
+        try:
+            rec = json.loads(raw)
+        except (TypeError, ValueError):
+            continue
+        age = now - float(rec.get("last_seen", 0.0))
+        rec["last_seen_s"] = round(age, 1)
+        rec["alive"] = rec.get("state") != "stopped" and age < 3 * heartbeat_s
+        out.append(rec)
+    return sorted(out, key=lambda r: (r.get("service", ""), r.get("worker", "")))
+
+
+def error_kind(err: BaseException) -> str:
+    """Short label of an error for `rlrt_errors_total{kind}`."""
+    import redis
+
+    from rlrt_core.weights.client import WeightServiceError
+
+    if isinstance(err, (redis.ConnectionError, redis.TimeoutError)):
+        return "redis"
+    if isinstance(err, WeightServiceError):
+        return "weights"
+    if isinstance(err, TimeoutError):
+        return "timeout"
+    return "internal"
 
 
 def default_worker_id(service: str) -> str:
@@ -61,10 +104,17 @@ class ServiceRuntime:
         self.registry = CollectorRegistry()
         self.metrics = service_metrics(service, self.run, worker, registry=self.registry)
         self.state = ServiceState(service=service, run=self.run, worker=worker, registry=self.registry,
-                                  admin_token=cfg.metrics.admin_token)
+                                  admin_token=cfg.metrics.admin_token, stall_timeout_s=cfg.metrics.stall_timeout_s,
+                                  heartbeat_timeout_s=max(300.0, cfg.metrics.stall_timeout_s))
+        self.state.services = self.services
         self.admin = AdminServer(self.state, host=cfg.metrics.http_host, port=cfg.metrics.http_port)
+        self.stage = stage(service)
         self._bus = None
         self._registration: Path | None = None
+        self._admin_port: int | None = None
+        self._refresher: threading.Thread | None = None
+        self._refresh_stop = threading.Event()
+        self.extra_heartbeat: Callable[[], dict[str, Any]] = lambda: {}
 
     # -- lazily created connections ------------------------------------------------------
     @property
@@ -72,7 +122,11 @@ class ServiceRuntime:
         if self._bus is None:
             from rlrt_core.transport.streams import StreamBus
 
-            self._bus = StreamBus.from_config(self.cfg.transport, self.run)
+            bus = StreamBus.from_config(self.cfg.transport, self.run)
+            m = self.metrics
+            bus.on_claim = lambda stream, n: m.claimed.labels(stream=stream).inc(n)
+            bus.on_dead_letter = lambda _stream, kind: m.dead_lettered.labels(reason=kind).inc()
+            self._bus = bus
         return self._bus
 
     @property
@@ -94,9 +148,62 @@ class ServiceRuntime:
         if actions:
             self.state.actions.update(actions)
         port = self.admin.start()
+        self._admin_port = port
         self._register(port)
         log.info("admin HTTP on %s:%d (/healthz /readyz /status /metrics)", self.cfg.metrics.http_host, port)
+        self._start_refresher()
         return port
+
+    # -- progress, queues and heartbeats -------------------------------------------------
+    def progressed(self) -> None:
+        """Call when a unit of work was finished (an entry acked, a step trained)."""
+        self.state.progressed()
+
+    def wait_for(self, what: str | None) -> None:
+        """Report what the service blocks on (shown by /healthz and /status; None = nothing)."""
+        self.state.wait_for(what)
+
+    def services(self) -> list[dict[str, Any]]:
+        """Every service of the run seen in Redis (heartbeats), dead ones included."""
+        t = self.cfg.transport
+        return read_services(self.redis, t.stream_prefix, self.run, heartbeat_s=self.cfg.metrics.heartbeat_s)
+
+    def _heartbeat(self, state: str = "running") -> None:
+        host = self.cfg.metrics.http_host
+        rec = {"service": self.service, "worker": self.worker, "pid": os.getpid(), "host": socket.gethostname(),
+               "admin": f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{self._admin_port}",
+               "state": state, "ready": self.state.ready, "last_seen": time.time(),
+               "last_progress": self.state.last_progress, "waiting_for": self.state.waiting_for}
+        try:
+            rec.update(self.extra_heartbeat())
+        except Exception:  # a status callback must not stop heartbeats
+            log.debug("extra heartbeat fields failed", exc_info=True)
+        key = services_key(self.cfg.transport.stream_prefix, self.run)
+        self.redis.hset(key, self.worker, json.dumps(rec))
+
+    def refresh(self) -> None:
+        """One round of the background refresher: queue gauges, own backlog, heartbeat."""
+        stats = self.bus.stats()
+        self.metrics.observe_bus_stats(stats)
+        g = (stats.get(self.stage.input) or {}).get("groups", {}).get(self.stage.group)
+        self.state.backlog = int(g["pending"]) + int(g["lag"]) if g else int(stats[self.stage.input]["length"])
+        self._heartbeat()
+
+    def _start_refresher(self) -> None:
+        every = self.cfg.metrics.bus_stats_every_s
+
+        def run() -> None:
+            while not self._refresh_stop.is_set():
+                try:
+                    # A separate connection: the main loop's may be blocked in XREADGROUP.
+                    self.refresh()
+                except Exception as err:  # Redis away: count it, say so, keep trying
+                    self.metrics.errors.labels(kind=error_kind(err)).inc()
+                    log.debug("refresh failed: %r", err)
+                self._refresh_stop.wait(every)
+
+        self._refresher = threading.Thread(target=run, name=f"refresh-{self.service}", daemon=True)
+        self._refresher.start()
 
     def _register(self, port: int) -> None:
         d = Path(self.cfg.metrics.run_dir) / "services"
@@ -128,8 +235,12 @@ class ServiceRuntime:
                 did = step()
                 backoff = 0.5
             except Exception as err:  # keep the service alive; the error is counted and logged
+                self.metrics.errors.labels(kind=error_kind(err)).inc()
                 if on_error is not None:
-                    on_error(err)
+                    try:
+                        on_error(err)
+                    except Exception:  # e.g. Redis still down: the next round retries
+                        log.warning("error handler failed", exc_info=True)
                 log.exception("error in %s loop (retrying in %.1fs)", self.service, backoff)
                 self.stop_event.wait(backoff)
                 backoff = min(backoff * 2, 15.0)
@@ -137,15 +248,25 @@ class ServiceRuntime:
             if not did:
                 self.stop_event.wait(idle_sleep_s)
 
-    def retry_pending(self, stream: str, group: str) -> Callable[[BaseException], None]:
+    def retry_pending(self) -> Callable[[BaseException], None]:
         """`loop(on_error=...)` handler: a failed batch leaves its entries pending for this
-        worker; re-read them next round (a delivery only when the entry may be at fault)."""
+        worker on its stage's input; re-read them next round (a delivery only when the entry
+        may be at fault)."""
         def handler(err: BaseException) -> None:
-            self.bus.redeliver_pending(stream, group, self.worker, count_delivery=not is_transient(err))
+            self.bus.redeliver_pending(self.stage.input, self.stage.group, self.worker,
+                                       count_delivery=not is_transient(err))
         return handler
 
     def close(self) -> None:
         self.set_ready(False, "stopping")
+        self._refresh_stop.set()
+        if self._refresher is not None:
+            self._refresher.join(timeout=5)
+        if self._bus is not None:
+            try:
+                self._heartbeat("stopped")
+            except Exception:
+                log.debug("could not record the stop in Redis", exc_info=True)
         self.admin.stop()
         if self._registration is not None:
             self._registration.unlink(missing_ok=True)

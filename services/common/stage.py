@@ -3,34 +3,46 @@ stream, enrich each in place, publish it on the next stream while acking the inp
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 from rlrt_core.proto import trajectory_pb2 as pb
+from rlrt_core.transport.codec import Limits
+
+log = logging.getLogger(__name__)
 
 
-def relay_groups(rt, src: str, dst: str, group: str, *, count: int,
-                 check: Callable[[pb.RolloutGroup], str | None],
-                 handle: Callable[[pb.RolloutGroup], None],
-                 counters: dict[str, int]) -> bool:
-    """One round: consume up to `count` groups; `check(g)` returns a reason to dead-letter
-    the entry (bad input) or None; `handle(g)` enriches it. Outputs and acks of the round
-    are written together (each entry's output + ack atomic). Returns whether work was done."""
-    pairs = rt.bus.consume_messages(src, group, rt.worker, pb.RolloutGroup, count=count,
-                                    block_ms=rt.cfg.transport.block_ms)
+def relay_groups(rt, *, count: int, handle: Callable[[pb.RolloutGroup], None], counters: dict[str, int],
+                 limits: Limits | None = None) -> bool:
+    """One round of the service's stage (`rt.stage`): consume up to `count` groups (each
+    validated alone at the boundary, see `codec.validate`), enrich each with `handle(g)`,
+    and write every entry's output + ack atomically. A group whose handling fails for a
+    reason of its own is dead-lettered alone with that reason; infrastructure failures
+    (Redis, the weight server) propagate so the whole round is retried. Returns whether
+    work was done."""
+    from services.common.runtime import is_transient
+
+    st = rt.stage
+    pairs = rt.bus.consume_messages(st.input, st.group, rt.worker, st.message, count=count,
+                                    block_ms=rt.cfg.transport.block_ms, limits=limits)
     if not pairs:
         return False
     done, outputs = [], []
     for entry, g in pairs:
-        problem = check(g)
-        if problem is not None:
-            rt.bus.dead_letter(entry, f"{rt.service}: {problem}")
-            rt.metrics.dead_lettered.labels(reason="bad_rollout_group").inc()
+        try:
+            handle(g)
+        except Exception as err:
+            if is_transient(err):
+                raise
+            log.warning("dead-lettering %s: %s", g.group_id, err, exc_info=True)
+            rt.bus.dead_letter(entry, f"{rt.service}: cannot process group {g.group_id!r}: "
+                                      f"{type(err).__name__}: {err}", kind="processing_failed")
             counters["dead"] += 1
             continue
-        handle(g)
         done.append(entry)
-        outputs.append(g.SerializeToString())
+        outputs.append(g)
         counters["groups"] += 1
     if done:
-        rt.bus.ack_many(done, outputs=[[(dst, p)] for p in outputs])
+        rt.bus.ack_many(done, outputs=[[(st.output, g)] for g in outputs])
+        rt.progressed()
     return True
