@@ -21,7 +21,7 @@ import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -84,15 +84,17 @@ def _restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None
 
 def save_checkpoint(root: str | os.PathLike[str], *, step: int, version: int, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
-                    extra: dict[str, Any] | None = None, keep: int = 2) -> Path:
-    """Write a checkpoint atomically (temp dir + rename + `latest` pointer); prune to `keep`."""
+                    extra: dict[str, Any] | None = None, keep: int = 2,
+                    before_commit: Callable[[], None] | None = None) -> Path:
+    """Write a checkpoint atomically (temp dir + rename + `latest` pointer); prune to `keep`.
+    `before_commit()` runs after every file is on disk and before the rename (a test hook)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:06d}"
     final = root / name
     tmp = root / f".{name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    for stale in root.glob(".step_*.tmp-*"):  # left by a process killed mid-write
+        shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
     # Tied weights (embed/lm_head) share storage; safetensors refuses shared tensors, so clone.
     sd = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
@@ -111,6 +113,8 @@ def save_checkpoint(root: str | os.PathLike[str], *, step: int, version: int, mo
     for f in tmp.iterdir():  # data on disk before the rename makes it visible
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
+    if before_commit is not None:
+        before_commit()
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
