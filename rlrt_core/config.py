@@ -93,7 +93,12 @@ class RolloutConfig(_Section):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_new_tokens: int = Field(256, ge=1)
     groups_per_batch: int = Field(4, ge=1, description="prompt groups sampled per engine call")
-    seed: int = 0
+    # None = fresh OS entropy per batch. An int makes sampling reproducible per group: each
+    # batch's seed is derived from (seed, the batch's group ids), so seeds never repeat
+    # across workers or restarts (group ids are unique).
+    seed: int | None = None
+    version_wait_s: float = Field(300.0, gt=0.0, description="longest wait for a task's min_version to be "
+                                  "announced before the task is dead-lettered")
     device: str = "cpu"
     vllm: VLLMConfig = Field(default_factory=VLLMConfig)
 
@@ -123,7 +128,7 @@ class LearnerConfig(_Section):
     micro_batch_size: int = Field(8, ge=1, description="sequences per forward/backward")
     ppo_epochs: int = Field(1, ge=1)
     total_steps: int = Field(100, ge=1)
-    max_staleness: int = Field(1, ge=0, description="max weight-version lag of an admitted group")
+    max_staleness: int = Field(1, ge=0, le=1000, description="max weight-version lag of an admitted group")
     checkpoint_every: int = Field(10, ge=0, description="0 disables checkpoints")
     keep_checkpoints: int = Field(2, ge=1)
     device: str = "cpu"
@@ -182,6 +187,9 @@ class TransportConfig(_Section):
     # Where clients reach the weight server when it differs from weights_host:weights_port
     # (e.g. "learner:50051" in a cluster while the learner binds 0.0.0.0).
     weights_target: str | None = None
+    # Host the learner announces for its weight server when it binds every interface
+    # (default: this machine's address); clients dial the announced host:port.
+    weights_advertise: str | None = None
     weights_timeout_s: float = Field(600.0, gt=0.0, description="deadline for streaming one whole version")
     weights_rpc_timeout_s: float = Field(10.0, gt=0.0, description="deadline of the small weight RPCs")
 
@@ -192,6 +200,21 @@ class MetricsConfig(_Section):
     http_port: int = Field(0, ge=0, le=65_535)  # 0 = pick a free port
     admin_token: str | None = None
     log_every: int = Field(1, ge=1)
+    bus_stats_every_s: float = Field(5.0, gt=0.0, le=300.0,
+                                     description="how often every service refreshes its rlrt_bus_* queue gauges")
+    # Liveness: /healthz fails when a service made no progress for this long while work waits
+    # for it (or while it waits for a weight version that does not come).
+    stall_timeout_s: float = Field(600.0, gt=0.0)
+    heartbeat_s: float = Field(5.0, gt=0.0, le=600.0, description="service heartbeat period in Redis")
+
+
+class LauncherConfig(_Section):
+    """Process supervision of `rlrt demo` / `rlrt train` (local launcher)."""
+
+    max_restarts: int = Field(5, ge=0, le=1000, description="restarts of one crashed worker before giving up")
+    # What to do when a worker has used up its restarts: stop the run with a non-zero exit
+    # (default: a run missing a stage would otherwise hang), or keep going without it.
+    on_exhausted: Literal["stop", "continue"] = "stop"
 
 
 class RayActorResources(_Section):
@@ -232,7 +255,51 @@ class RunConfig(_Section):
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     transport: TransportConfig = Field(default_factory=TransportConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    launcher: LauncherConfig = Field(default_factory=LauncherConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _in_flight_fits_streams(self) -> "RunConfig":
+        # Admission keeps up to (max_staleness + 1) x groups_per_step groups in flight, all of
+        # which may sit in one stream; a smaller stream bound would refuse dispatch forever.
+        check_in_flight_bound(self.learner.max_staleness, self.learner.groups_per_step,
+                              self.transport.stream_maxlen)
+        return self
+
+
+def check_in_flight_bound(max_staleness: int, groups_per_step: int, stream_maxlen: int) -> None:
+    """Raise ValueError when (max_staleness + 1) x groups_per_step exceeds stream_maxlen."""
+    need = (max_staleness + 1) * groups_per_step
+    if need > stream_maxlen:
+        raise ValueError(f"learner.max_staleness ({max_staleness}): (max_staleness + 1) x learner.groups_per_step "
+                         f"= {need} groups may be in flight, more than transport.stream_maxlen ({stream_maxlen}); "
+                         "lower max_staleness or raise stream_maxlen")
+
+
+def check_paths(cfg: "RunConfig") -> None:
+    """Check, at the start of a run or service, that the files the config names exist;
+    raise ConfigError naming each field at fault. (Not part of validation itself, so a
+    recipe for another machine can still be validated with `rlrt config --no-check-paths`.)"""
+    from rlrt_core.models import BUILTIN_MODELS
+
+    problems = []
+    p = cfg.model.path
+    if p.lower() not in BUILTIN_MODELS:
+        local = Path(p).expanduser()
+        if not local.is_dir():
+            problems.append(f"  model.path: {p!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}) "
+                            "nor an existing directory")
+        elif not (local / "config.json").is_file():
+            problems.append(f"  model.path: {p!r} has no config.json (not a Hugging Face model directory)")
+    if cfg.data.source == "jsonl" and cfg.data.path:
+        from rlrt_core.data import resolve_data_path
+
+        try:
+            resolve_data_path(cfg.data.path)
+        except (FileNotFoundError, ValueError) as err:
+            problems.append(f"  data.path: {err}")
+    if problems:
+        raise ConfigError("invalid configuration:\n" + "\n".join(problems))
 
 
 def _format_validation_error(err: ValidationError) -> str:

@@ -1,10 +1,17 @@
 """Local process launcher behind `rlrt demo` / `rlrt train`: one machine, every service a
 real OS process, the same data path (Redis Streams + gRPC) as compose/Kubernetes.
 
-It starts an embedded Redis when no `REDIS_URL` is set, writes the effective config into
-the run directory, spawns learner, verifier, teacher and N rollout workers, restarts a
-crashed worker (never the learner: its exit ends the run), shows a live view, and on
-Ctrl-C / SIGTERM stops everything (SIGTERM, then SIGKILL after a grace period).
+It starts an embedded Redis when no `REDIS_URL` is set, writes the effective config (and
+the plan of expected workers, `plan.json`) into the run directory, spawns learner, verifier,
+teacher and N rollout workers, restarts a crashed worker up to `launcher.max_restarts` times
+(never the learner: its exit ends the run), shows a live view, and on Ctrl-C / SIGTERM stops
+everything (SIGTERM, then SIGKILL after a grace period). A worker that used up its restarts is
+reported loudly and, with `launcher.on_exhausted: stop` (the default), ends the run with exit
+code `EXIT_WORKER_EXHAUSTED` instead of leaving it to hang without that stage.
+
+Ports: the launcher picks none. The learner's weight server binds a free port itself and
+announces its address on Redis, and every admin server does the same, so several runs on
+one machine never race for a port.
 """
 
 from __future__ import annotations
@@ -21,11 +28,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from rlrt_core.config import RunConfig, dump_config
+from rlrt_core.stages import SERVICES
 
-SERVICES = ("rollout", "verifier", "teacher", "learner")
+EXIT_WORKER_EXHAUSTED = 3
 
 
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port free right now (for tools such as torchrun's rendezvous that need a number
+    up front; servers of rlrt bind port 0 themselves instead)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
@@ -83,11 +93,13 @@ class LocalRun:
     restart_crashed: bool = True
     extra_env: dict[str, str] = field(default_factory=dict)
     children: list[Child] = field(default_factory=list)
+    on_event: Callable[[str], None] | None = None  # called with launcher messages (e.g. the console)
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.cfg.metrics.run_dir).resolve()
         self._embedded = None
         self._stopping = False
+        self.failure: str | None = None  # why the launcher ended the run, when it did
 
     # -- set-up ------------------------------------------------------------------------
     def _redis_url(self) -> str:
@@ -103,12 +115,11 @@ class LocalRun:
         (self.run_dir / "logs").mkdir(exist_ok=True)
         (self.run_dir / "services").mkdir(exist_ok=True)
         redis_url = self._redis_url()
-        weights_port = self.cfg.transport.weights_port or free_port()
-        if self.cfg.transport.weights_port and _port_busy(self.cfg.transport.weights_host, weights_port):
-            weights_port = free_port()
         cfg = self.cfg.model_copy(deep=True)
         cfg.transport.redis_url = redis_url
-        cfg.transport.weights_port = weights_port
+        # The learner binds a free port and announces it; workers dial what it announced.
+        cfg.transport.weights_port = 0
+        cfg.transport.weights_target = None
         cfg.metrics.run_dir = str(self.run_dir)
         if not cfg.transport.weights_token and not cfg.transport.weights_token_file:
             from rlrt_core.weights.server import ensure_token_file
@@ -138,6 +149,7 @@ class LocalRun:
         for service, worker in plan:
             cmd = [py, "-m", "services.cli.main", "serve", service, "--config", str(cfg_file), "--worker", worker]
             self.children.append(Child(service, worker, cmd, env, self.run_dir / "logs" / f"{worker}.log"))
+        (self.run_dir / "plan.json").write_text(json.dumps([{"service": s, "worker": w} for s, w in plan]))
 
     # -- running -----------------------------------------------------------------------
     def start(self) -> None:
@@ -149,12 +161,29 @@ class LocalRun:
     def learner(self) -> Child:
         return next(c for c in self.children if c.service == "learner")
 
+    def _event(self, message: str) -> None:
+        if self.on_event is not None:
+            self.on_event(message)
+        else:
+            print(f"[launcher] {message}", file=sys.stderr, flush=True)
+
     def supervise_once(self) -> None:
-        """Restart crashed workers (not the learner); called from the monitoring loop."""
+        """Restart crashed workers (not the learner), up to `launcher.max_restarts` each; a
+        worker past its budget is reported and, by default, ends the run."""
+        budget = self.cfg.launcher.max_restarts
         for c in self.children:
-            if c.service == "learner" or c.alive() or self._stopping or not self.restart_crashed:
+            if c.service == "learner" or c.alive() or self._stopping or not self.restart_crashed or c.proc is None:
                 continue
-            if c.restarts >= 5:
+            if c.restarts >= budget:
+                if not getattr(c, "exhausted", False):
+                    c.exhausted = True
+                    msg = (f"{c.worker} exited with {c.proc.returncode} after {c.restarts} restart(s): "
+                           f"launcher.max_restarts={budget} used up; see {c.log_path}")
+                    with open(c.log_path, "ab") as fh:
+                        fh.write(f"\n[launcher] {msg}\n".encode())
+                    if self.cfg.launcher.on_exhausted == "stop":
+                        self.failure = msg + " -- stopping the run (launcher.on_exhausted=stop)"
+                    self._event(self.failure or msg + " -- the run goes on without it (launcher.on_exhausted=continue)")
                 continue
             c.close()
             c.restarts += 1
@@ -171,6 +200,8 @@ class LocalRun:
             if timeout_s is not None and time.time() - t0 > timeout_s:
                 raise TimeoutError(f"run did not finish within {timeout_s:.0f}s; logs in {self.run_dir / 'logs'}")
             self.supervise_once()
+            if self.failure is not None:
+                return EXIT_WORKER_EXHAUSTED
             if on_tick is not None:
                 on_tick(self)
             time.sleep(tick_s)
@@ -202,12 +233,6 @@ class LocalRun:
         self.stop()
 
 
-def _port_busy(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.settimeout(0.2)
-        return s.connect_ex((host, port)) == 0
-
-
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """All rows of `metrics.jsonl` (one per learner step); tolerant of a half-written last line."""
     path = Path(run_dir) / "metrics.jsonl"
@@ -220,6 +245,14 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return rows
+
+
+def expected_workers(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The workers the launcher started for this run (`plan.json`), or [] when none."""
+    try:
+        return json.loads((Path(run_dir) / "plan.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
 
 
 def service_endpoints(run_dir: str | Path) -> list[dict[str, Any]]:

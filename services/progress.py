@@ -33,16 +33,49 @@ def _pid_alive(pid: int | None) -> bool:
         return False
 
 
+def _redis_services(run_dir: Path) -> list[dict[str, Any]]:
+    """The run's service table in Redis (heartbeats of every service, dead ones included),
+    read through the run's effective config; [] when it cannot be reached."""
+    try:
+        from rlrt_core.config import load_config
+        from services.common.runtime import read_services
+
+        cfg = load_config(run_dir / "config.yaml", use_env=False)
+        if not cfg.transport.redis_url:
+            return []
+        import redis
+
+        client = redis.Redis.from_url(cfg.transport.redis_url, socket_connect_timeout=1, socket_timeout=2)
+        try:
+            return read_services(client, cfg.transport.stream_prefix, cfg.run_name, heartbeat_s=cfg.metrics.heartbeat_s)
+        finally:
+            client.close()
+    except Exception:
+        return []
+
+
 def collect_status(run_dir: str | Path) -> dict[str, Any]:
-    """Status of every registered (and still living) service plus the learner's last metrics row."""
-    services = []
+    """Status of every expected service of the run, dead ones included: the launcher's plan,
+    the services' registration files and their heartbeats in Redis; plus the learner's last
+    metrics row. Each service has `alive` and, when alive, its /status."""
+    from services.launcher import expected_workers
+
+    run_dir = Path(run_dir)
+    services: dict[str, dict[str, Any]] = {}
+    for rec in _redis_services(run_dir):
+        services[rec["worker"]] = {"service": rec.get("service"), "worker": rec["worker"], "pid": rec.get("pid"),
+                                   "alive": rec.get("alive", False),
+                                   "status": {"error": f"down (last seen {rec.get('last_seen_s')}s ago)"}}
+    for exp in expected_workers(run_dir):
+        services.setdefault(exp["worker"], {**exp, "pid": None, "alive": False, "status": {"error": "down"}})
     for ep in service_endpoints(run_dir):
-        if not _pid_alive(ep.get("pid")):
-            continue
-        services.append({**ep, "status": _get_status(ep)})
+        if _pid_alive(ep.get("pid")):
+            services[ep["worker"]] = {**ep, "alive": True, "status": _get_status(ep)}
+        elif ep["worker"] not in services:
+            services[ep["worker"]] = {**ep, "alive": False, "status": {"error": "down"}}
     rows = read_metrics(run_dir)
-    return {"run_dir": str(run_dir), "services": services, "last_step": rows[-1] if rows else None,
-            "steps": len(rows)}
+    return {"run_dir": str(run_dir), "services": sorted(services.values(), key=lambda s: str(s.get("worker"))),
+            "last_step": rows[-1] if rows else None, "steps": len(rows)}
 
 
 def queue_rows(queues: dict[str, Any]) -> list[tuple[str, Any, Any, Any]]:
@@ -68,14 +101,15 @@ def _fmt(v: Any, nd: int = 3) -> str:
 
 def render_status(snap: dict[str, Any]) -> Group:
     t = Table(title=f"services of {snap['run_dir']}")
-    for col in ("worker", "pid", "ready", "version", "processed", "detail"):
+    for col in ("worker", "state", "pid", "ready", "version", "processed", "detail"):
         t.add_column(col)
     queues: dict[str, Any] = {}
     for s in snap["services"]:
         st = s.get("status", {})
         queues.update(st.get("queues", {}) or {})
         detail = st.get("error") or ", ".join(f"{k}={_fmt(v)}" for k, v in (st.get("counters") or {}).items())
-        t.add_row(str(s.get("worker")), str(s.get("pid")), str(st.get("ready", "-")), _fmt(st.get("version")),
+        state = "[green]up[/green]" if s.get("alive", True) else "[red]DOWN[/red]"
+        t.add_row(str(s.get("worker")), state, str(s.get("pid")), str(st.get("ready", "-")), _fmt(st.get("version")),
                   _fmt(st.get("processed")), detail[:80])
     parts: list[Any] = [t]
     if queues:

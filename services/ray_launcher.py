@@ -113,13 +113,11 @@ class ServiceProcess:
 
 
 def _probe_node() -> dict[str, Any]:
-    """Runs on the node Ray picks for the learner: its id, IP and a free port there."""
+    """Runs on the node Ray picks for the learner: its id and IP (the learner's weight server
+    binds a free port there itself and announces it)."""
     import ray
 
-    from services.launcher import free_port
-
-    return {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(),
-            "port": free_port("0.0.0.0")}
+    return {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address()}
 
 
 @dataclass
@@ -209,9 +207,9 @@ class RayRun:
         probe = ray.get(ray.remote(num_cpus=l_cpus, num_gpus=l_gpus)(_probe_node).remote(), timeout=600)
         single = len(alive) == 1
         cfg.transport.weights_host = "127.0.0.1" if single else "0.0.0.0"
-        cfg.transport.weights_port = cfg.transport.weights_port if single and cfg.transport.weights_port \
-            and not _busy(cfg.transport.weights_port) else probe["port"]
-        cfg.transport.weights_target = f"{'127.0.0.1' if single else probe['ip']}:{cfg.transport.weights_port}"
+        cfg.transport.weights_port = 0  # bound by the learner, announced with its address
+        cfg.transport.weights_advertise = None if single else probe["ip"]
+        cfg.transport.weights_target = None
         self.cfg = cfg
         config_yaml = dump_config(cfg)
         (self.run_dir / "config.yaml").write_text(config_yaml)
@@ -291,7 +289,3 @@ class RayRun:
             self.stop()
 
 
-def _busy(port: int) -> bool:
-    from services.launcher import _port_busy
-
-    return _port_busy("127.0.0.1", port)

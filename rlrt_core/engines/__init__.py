@@ -16,6 +16,7 @@ from rlrt_core.engines.base import (
     SamplingParams,
     WeightLoadError,
     collect_weights,
+    derive_seed,
     sample_next,
 )
 from rlrt_core.engines.torch_engine import TorchEngine
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Completion", "Engine", "GenerationResult", "ParamSpec", "SamplingParams", "TorchEngine", "VLLMEngine",
-    "WeightLoadError", "collect_weights", "make_engine", "sample_next",
+    "WeightLoadError", "collect_weights", "derive_seed", "make_engine", "sample_next",
 ]
 
 
@@ -52,5 +53,5 @@ def make_engine(cfg: "RunConfig") -> Engine:
         return VLLMEngine(cfg.model.path, dtype=cfg.model.dtype if v.dtype == "auto" else v.dtype,
                           tensor_parallel_size=v.tensor_parallel_size, gpu_memory_utilization=v.gpu_memory_utilization,
                           enforce_eager=v.enforce_eager, max_model_len=cfg.model.max_model_len,
-                          cache_dir=cfg.model.cache_dir, seed=cfg.rollout.seed)
+                          cache_dir=cfg.model.cache_dir, seed=cfg.rollout.seed or 0)
     raise ValueError(f"unknown rollout engine {kind!r}; choose 'torch' or 'vllm'")

@@ -47,6 +47,18 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.seed must be an int or None, got {self.seed!r}")
 
 
+def derive_seed(base: int | None, *keys: str) -> int | None:
+    """A sampling seed for one batch: None when `base` is None (fresh entropy), else a 63-bit
+    hash of (base, keys). Keyed by the batch's group ids, seeds differ across batches,
+    workers and restarts (group ids are unique) yet stay reproducible for a fixed base."""
+    if base is None:
+        return None
+    import hashlib
+
+    digest = hashlib.sha256("\x1f".join([str(base), *keys]).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
 @dataclass
 class Completion:
     """One sampled completion: ids (EOS included when finish_reason == "stop"), one behaviour

@@ -199,12 +199,13 @@ class WeightClient:
         self._stub = wgrpc.WeightServiceStub(self._channel)
 
     @classmethod
-    def from_config(cls, transport: Any, *, token: str | None = None) -> "WeightClient":
-        """Build from a `TransportConfig`: dials `weights_target`, else weights_host:weights_port."""
+    def from_config(cls, transport: Any, *, token: str | None = None, target: str | None = None) -> "WeightClient":
+        """Build from a `TransportConfig`: dials `target` (e.g. the address the learner
+        announced), else `weights_target`, else weights_host:weights_port."""
         host = transport.weights_host
         if host in ("0.0.0.0", "::", "[::]", ""):
             host = "127.0.0.1"
-        target = transport.weights_target or f"{host}:{transport.weights_port}"
+        target = target or transport.weights_target or f"{host}:{transport.weights_port}"
         return cls(target, token=token or load_token(transport), tls_ca=transport.tls_ca,
                    chunk_bytes=transport.weights_chunk_bytes, timeout_s=transport.weights_timeout_s,
                    rpc_timeout_s=transport.weights_rpc_timeout_s)

@@ -11,17 +11,20 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from rlrt_core.config import ConfigError, RunConfig, load_config
+from rlrt_core.config import ConfigError, RunConfig, check_paths, load_config
+from rlrt_core.stages import SERVICES
 from services.cli.app import app
-from services.launcher import SERVICES
 
 console = Console()
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
 def _load(path: Path | None, overrides: dict | None = None) -> RunConfig:
+    """Load and validate a recipe, including the files it names (at start-up, not 30 s later)."""
     try:
-        return load_config(path, overrides=overrides)
+        cfg = load_config(path, overrides=overrides)
+        check_paths(cfg)
+        return cfg
     except ConfigError as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2)
@@ -31,7 +34,7 @@ def _run_local(cfg: RunConfig, *, rollout_workers: int, title: str, timeout_s: f
     from services.launcher import LocalRun
     from services.progress import LiveView, write_summary
 
-    run = LocalRun(cfg, n_rollout=rollout_workers)
+    run = LocalRun(cfg, n_rollout=rollout_workers, on_event=lambda msg: console.print(f"[red]launcher:[/red] {msg}"))
     from rlrt_core.checkpoint import latest_checkpoint
 
     ck = latest_checkpoint(run.run_dir / "checkpoints")
@@ -66,6 +69,9 @@ def _run_local(cfg: RunConfig, *, rollout_workers: int, title: str, timeout_s: f
     write_summary(run.run_dir, console, wall_s=time.time() - t0)
     if interrupted:
         raise typer.Exit(130)
+    if run.failure is not None:
+        console.print(f"[red]run stopped: {run.failure}[/red]")
+        raise typer.Exit(rc)
     if rc != 0:
         console.print(f"[red]learner exited with code {rc}; see {run.run_dir / 'logs'}[/red]")
         raise typer.Exit(rc)
@@ -152,3 +158,5 @@ def status(
         console.print(f"[yellow]no services registered under {run_dir}[/yellow]")
         raise typer.Exit(1)
     console.print(render_status(snap))
+    if any(not s.get("alive", True) for s in snap["services"]):
+        raise typer.Exit(3)  # some expected service is down: scripts can tell

@@ -25,12 +25,12 @@ from rlrt_core.engines import TorchEngine
 from rlrt_core.prompts import teacher_prompt_ids
 from rlrt_core.proto import trajectory_pb2 as pb
 from rlrt_core.scoring import score_views
+from rlrt_core.transport.codec import Limits
 from services.common.runtime import ServiceRuntime
 from services.common.stage import relay_groups
 from services.common.weight_sync import WeightSync
 
 log = logging.getLogger("rlrt.teacher")
-IN, OUT, GROUP = "verified", "scored", "teacher"
 
 
 def rollouts_to_score(method: str, rewards: list[float]) -> list[int]:
@@ -88,9 +88,11 @@ def run(cfg: RunConfig, worker: str) -> int:
         m.teacher_weight_version.set(version)
         m.teacher_weight_load_seconds.observe(seconds)
 
-    sync = WeightSync(cfg, rt.redis, engine.load_weights, version=engine.version, on_loaded=on_loaded)
-    rt.bus.ensure_group(IN, GROUP)
+    sync = WeightSync(cfg, rt.redis, engine.load_weights, version=engine.version, on_loaded=on_loaded,
+                      on_wait=rt.wait_for)
+    rt.bus.ensure_group(rt.stage.input, rt.stage.group)
     rt.set_ready(True)
+    limits = Limits(vocab_size=engine.vocab_size, max_model_len=cfg.model.max_model_len)
 
     def score_group(g: pb.RolloutGroup) -> None:
         rewards = [float(v.reward) for v in g.verifier_results]
@@ -148,12 +150,9 @@ def run(cfg: RunConfig, worker: str) -> int:
         del g.teacher_scores[:]
         g.teacher_scores.extend(scores)
 
-    def check(g: pb.RolloutGroup) -> str | None:
-        if len(g.verifier_results) != len(g.completions):
-            return f"{len(g.completions)} completions but {len(g.verifier_results)} verifier results"
-        return None
-
     def handle(g: pb.RolloutGroup) -> None:
+        if len(g.verifier_results) != len(g.completions):
+            raise ValueError(f"{len(g.completions)} completions but {len(g.verifier_results)} verifier results")
         t0 = time.perf_counter()
         with torch.no_grad():
             score_group(g)
@@ -162,11 +161,11 @@ def run(cfg: RunConfig, worker: str) -> int:
 
     def step() -> bool:
         sync.sync()
-        return relay_groups(rt, IN, OUT, GROUP, count=4, check=check, handle=handle, counters=counters)
+        return relay_groups(rt, count=4, handle=handle, counters=counters, limits=limits)
 
     try:
         # A failed batch leaves its entries pending for us: re-read them next round.
-        rt.loop(step, on_error=rt.retry_pending(IN, GROUP))
+        rt.loop(step, on_error=rt.retry_pending())
     finally:
         sync.close()
         rt.close()

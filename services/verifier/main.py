@@ -10,13 +10,12 @@ import logging
 import time
 
 from rlrt_core.config import RunConfig
-from rlrt_core.proto import trajectory_pb2 as pb
 from rlrt_core.reward import Verifier
+from rlrt_core.transport.codec import Limits, set_verifier_results
 from services.common.runtime import ServiceRuntime
 from services.common.stage import relay_groups
 
 log = logging.getLogger("rlrt.verifier")
-IN, OUT, GROUP = "rollouts", "verified", "verifier"
 
 
 def _outcome(r) -> str:
@@ -31,23 +30,16 @@ def run(cfg: RunConfig, worker: str) -> int:
     counters = {"groups": 0, "completions": 0, "correct": 0, "wrong": 0, "unparseable": 0, "timeout": 0, "dead": 0}
     rt.start_admin(lambda: {"processed": counters["groups"], "counters": dict(counters), "mode": cfg.verifier.mode})
     verifier = Verifier(mode=cfg.verifier.mode, timeout_s=cfg.verifier.timeout_s, workers=cfg.verifier.workers)
-    rt.bus.ensure_group(IN, GROUP)
+    rt.bus.ensure_group(rt.stage.input, rt.stage.group)
     rt.set_ready(True)
+    limits = Limits(max_model_len=cfg.model.max_model_len)
 
-    def check(g: pb.RolloutGroup) -> str | None:
-        return None if g.completions else "RolloutGroup has no completions"
-
-    def handle(g: pb.RolloutGroup) -> None:
+    def handle(g) -> None:  # a RolloutGroup, enriched in place
         t0 = time.perf_counter()
         results = verifier.verify_group([c.text for c in g.completions], g.problem.answer)
         dt = time.perf_counter() - t0
-        del g.verifier_results[:]
+        set_verifier_results(g, results)
         for r in results:
-            vr = g.verifier_results.add(reward=float(r.reward), timed_out=bool(r.timed_out))
-            if r.extracted is not None:
-                vr.extracted = r.extracted
-            if r.reason is not None:
-                vr.reason = r.reason
             out = _outcome(r)
             counters[out] += 1
             m.rewards.labels(outcome=out).inc()
@@ -55,15 +47,14 @@ def run(cfg: RunConfig, worker: str) -> int:
                 m.timeouts.inc()
         m.completion_seconds.observe(dt / max(len(results), 1))
         m.verified_groups.inc()
-        g.timestamps.verified_at = time.time()
         counters["completions"] += len(results)
 
     def step() -> bool:
-        return relay_groups(rt, IN, OUT, GROUP, count=8, check=check, handle=handle, counters=counters)
+        return relay_groups(rt, count=8, handle=handle, counters=counters, limits=limits)
 
     try:
         # A failed batch leaves its entries pending for us: re-read them next round.
-        rt.loop(step, on_error=rt.retry_pending(IN, GROUP))
+        rt.loop(step, on_error=rt.retry_pending())
     finally:
         verifier.close()
         rt.close()
