@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 REDIS_URL ?= redis://127.0.0.1:6379/0
 export REDIS_URL_TEST := $(REDIS_URL)
 
-.PHONY: install demo demo-tiny test test-fast redis protos vllm-env test-vllm bench clean
+.PHONY: install demo demo-tiny test test-fast test-chaos redis protos vllm-env test-vllm bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,10 +32,14 @@ redis:
 	@bash scripts/ensure_redis.sh "$(REDIS_URL)"
 
 test: install redis
-	REDIS_URL_TEST="$(REDIS_URL)" $(PY) -m pytest tests -q
+	REDIS_URL_TEST="$(REDIS_URL)" $(PY) -m pytest tests -q --ignore=tests/chaos
 
 test-fast: install redis
-	REDIS_URL_TEST="$(REDIS_URL)" $(PY) -m pytest tests -q -m "not slow"
+	REDIS_URL_TEST="$(REDIS_URL)" $(PY) -m pytest tests -q -m "not slow" --ignore=tests/chaos
+
+# Fault injection: real processes, a private redis-server per test (never the shared one).
+test-chaos: install
+	$(PY) -m pytest tests/chaos -q
 
 bench: install
 	$(PY) bench/scoring_memory.py

@@ -175,7 +175,7 @@ def test_admin_endpoints_of_a_live_learner(tmp_path):
         bus = StreamBus.from_url(REDIS_URL, cfg.run_name)
         bus.publish("rollouts", b"\x08\xff\xff not a protobuf")
         bus.publish("rollouts", pb.RolloutGroup(group_id="empty", run_id=cfg.run_name))
-        bus.publish("verified", pb.RolloutGroup(group_id="short", run_id=cfg.run_name,
+        bus.publish("verified", pb.RolloutGroup(group_id="short", run_id=cfg.run_name, prompt_ids=[1],
                                                 completions=[pb.Completion(token_ids=[1], logprobs=[-1.0])]))
         rc = run.wait(timeout_s=300)
     assert rc == 0
