@@ -62,17 +62,23 @@ def collect_status(run_dir: str | Path) -> dict[str, Any]:
 
     run_dir = Path(run_dir)
     services: dict[str, dict[str, Any]] = {}
+    import socket
+
+    here = socket.gethostname()
     for rec in _redis_services(run_dir):
+        alive = rec.get("alive", False)
+        if rec.get("host") == here and not _pid_alive(rec.get("pid")):
+            alive = False  # on this machine the process table beats a heartbeat a few seconds old
         services[rec["worker"]] = {"service": rec.get("service"), "worker": rec["worker"], "pid": rec.get("pid"),
-                                   "alive": rec.get("alive", False),
+                                   "alive": alive,
                                    "status": {"error": f"down (last seen {rec.get('last_seen_s')}s ago)"}}
     for exp in expected_workers(run_dir):
         services.setdefault(exp["worker"], {**exp, "pid": None, "alive": False, "status": {"error": "down"}})
     for ep in service_endpoints(run_dir):
         if _pid_alive(ep.get("pid")):
             services[ep["worker"]] = {**ep, "alive": True, "status": _get_status(ep)}
-        elif ep["worker"] not in services:
-            services[ep["worker"]] = {**ep, "alive": False, "status": {"error": "down"}}
+        else:
+            services[ep["worker"]] = {**ep, "alive": False, "status": {"error": "down (process gone)"}}
     rows = read_metrics(run_dir)
     return {"run_dir": str(run_dir), "services": sorted(services.values(), key=lambda s: str(s.get("worker"))),
             "last_step": rows[-1] if rows else None, "steps": len(rows)}
