@@ -20,9 +20,10 @@ and differs only in the per-token weight w_t and the gate:
     rlrt      w_t = exp(sign(A) * D_hat_t)             only r = 1     (eqs. 6, 7)
     rlrt_all  w_t = exp(sign(A) * D_hat_t)             all rollouts   (ablation, sec. 6.5)
 
-A method is one function `(advantages [B], rewards [B], student_logprobs [B,T],
-teacher_logprobs [B,T] | None) -> (weight [B,T], gate [B] bool)` registered with
-`@register_method(name)`, in the style of verl's core_algos.
+A method's weight is one function `(advantages [B], rewards [B], student_logprobs [B,T],
+teacher_logprobs [B,T] | None) -> (weight [B,T], gate [B] bool)`; the weight functions and the
+method specs (loss, teacher needs, defaults) live in `rlrt_core.methods`, the losses in
+`rlrt_core.losses`. `self_distillation_divergence` is SDPO's logit-level divergence.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from rlrt_core.methods import CORRECT_REWARD, WeightFn, correct_mask, get_method, register_method, weight_functions
 
 __all__ = [
     "ADVANTAGE_METHODS",
@@ -48,13 +51,12 @@ __all__ = [
     "position_asymmetry",
     "position_asymmetry_topk",
     "register_method",
+    "self_distillation_divergence",
     "token_advantages",
     "token_asymmetry",
     "upweighted_fraction",
 ]
 
-# A rollout is "correct" (RLRT's reward gate, eq. 7) when its reward equals this value.
-CORRECT_REWARD = 1.0
 # PPO log-ratios are clamped to this range before exp() so one wild token cannot make the
 # loss inf (verl does the same); a ratio of e^20 is far outside any trust region anyway.
 _MAX_LOG_RATIO = 20.0
@@ -154,74 +156,35 @@ def group_advantages(rewards: Tensor, *, norm_by_std: bool, eps: float = 1e-6) -
 
 
 # --------------------------------------------------------------------------------------
-# Method registry: per-token weight w_t and trajectory gate (Table 4)
+# Method registry: per-token weight w_t and trajectory gate (Table 4) live in
+# rlrt_core.methods as `MethodSpec`s; these names are kept for existing callers.
 # --------------------------------------------------------------------------------------
 
-WeightFn = Callable[[Tensor, Tensor, Tensor, "Tensor | None"], tuple[Tensor, Tensor]]
-ADVANTAGE_METHODS: dict[str, WeightFn] = {}
-ADVANTAGE_REGISTRY = ADVANTAGE_METHODS  # name used in the interface notes; same dict
-_NEEDS_TEACHER: dict[str, bool] = {}
-
-
-def register_method(name: str, *, needs_teacher: bool = True) -> Callable[[WeightFn], WeightFn]:
-    """Decorator: register `fn(advantages [B], rewards [B], student_logprobs [B,T],
-    teacher_logprobs [B,T] | None) -> (weight [B,T] > 0, gate [B] bool)` under `name`.
-
-    `weight` is the raw w_t before clipping; rows where `gate` is False keep A unchanged.
-    Inputs arrive detached; the function must be pure.
-    """
-
-    def deco(fn: WeightFn) -> WeightFn:
-        if name in ADVANTAGE_METHODS:
-            raise ValueError(f"advantage method {name!r} is already registered")
-        ADVANTAGE_METHODS[name] = fn
-        _NEEDS_TEACHER[name] = needs_teacher
-        return fn
-
-    return deco
+# name -> weight function of every registered spec that has one (a live view of the registry).
+ADVANTAGE_METHODS = weight_functions
+ADVANTAGE_REGISTRY = ADVANTAGE_METHODS  # name used in the interface notes; same object
 
 
 def method_needs_teacher(method: str) -> bool:
-    """Whether `method` reads teacher log-probs (False only for GRPO among the built-ins)."""
-    _check_method(method)
-    return _NEEDS_TEACHER[method]
+    """Whether `method` reads teacher log-probs (its spec scores some rollouts)."""
+    return _spec(method).needs_teacher
+
+
+def _spec(method: str):
+    try:
+        return get_method(method)
+    except ValueError as err:  # the message lists the registered names
+        raise ValueError(f"unknown advantage {str(err).removeprefix('unknown ')}") from None
 
 
 def _check_method(method: str) -> None:
-    if method not in ADVANTAGE_METHODS:
-        raise ValueError(f"unknown advantage method {method!r}; valid: {sorted(ADVANTAGE_METHODS)}")
+    spec = _spec(method)
+    if spec.weight is None:
+        raise ValueError(f"method {method!r} has no token weight (its loss {spec.loss!r} does not shape advantages)")
 
 
-@register_method("grpo", needs_teacher=False)
-def _grpo_weight(advantages: Tensor, rewards: Tensor, student: Tensor, teacher: Tensor | None):
-    """GRPO (DAPO recipe): w_t = 1, nothing gated."""
-    return torch.ones_like(student), torch.zeros_like(rewards, dtype=torch.bool)
-
-
-@register_method("rlsd")
-def _rlsd_weight(advantages: Tensor, rewards: Tensor, student: Tensor, teacher: Tensor | None):
-    """RLSD, eq. 2: w_t = exp(sign(A) * (log P_T - log P_S)) on all rollouts."""
-    assert teacher is not None
-    delta = teacher - student  # Delta_t = -D_hat_t
-    return torch.exp(torch.sign(advantages)[:, None] * delta), torch.ones_like(rewards, dtype=torch.bool)
-
-
-@register_method("rlrt")
-def _rlrt_weight(advantages: Tensor, rewards: Tensor, student: Tensor, teacher: Tensor | None):
-    """RLRT, eqs. 6-7: w_t = exp(sign(A) * D_hat_t), applied only where r = 1."""
-    assert teacher is not None
-    d_hat = student - teacher
-    return torch.exp(torch.sign(advantages)[:, None] * d_hat), rewards == CORRECT_REWARD
-
-
-@register_method("rlrt_all")
-def _rlrt_all_weight(advantages: Tensor, rewards: Tensor, student: Tensor, teacher: Tensor | None):
-    """RLRT without the reward gate (ablation, sec. 6.5): RLRT's weight on all rollouts."""
-    weight, _ = _rlrt_weight(advantages, rewards, student, teacher)
-    return weight, torch.ones_like(rewards, dtype=torch.bool)
-
-
-METHODS: tuple[str, ...] = tuple(ADVANTAGE_METHODS)
+# The GRPO-family shaping methods of Table 4 (property tests sweep these).
+METHODS: tuple[str, ...] = ("grpo", "rlsd", "rlrt", "rlrt_all")
 
 
 def _validated_token_inputs(
@@ -247,8 +210,8 @@ def _validated_token_inputs(
         )
     _check_same_shape("advantages", advantages, "rewards", rewards)
     if teacher_logprobs is None:
-        if _NEEDS_TEACHER[method]:
-            raise ValueError(f"method {method!r} needs teacher_logprobs; only 'grpo' runs without a teacher")
+        if method_needs_teacher(method):
+            raise ValueError(f"method {method!r} needs teacher_logprobs; only teacher-free methods run without")
     else:
         _check_ndim("teacher_logprobs", teacher_logprobs, 2, "a [B, T] tensor")
         _check_same_shape("student_logprobs", student_logprobs, "teacher_logprobs", teacher_logprobs)
@@ -287,7 +250,7 @@ def token_advantages(
         A_t = A * [(1 - lam) + lam * clip(w_t, 1 - eps_w, 1 + eps_w)]   gated rows
         A_t = A                                                         other rows
 
-    w_t and the gate come from `ADVANTAGE_METHODS[method]`. Everything is computed without
+    w_t and the gate come from the method's spec (`rlrt_core.methods.get_method(method).weight`). Everything is computed without
     gradient (stop-gradient on D_hat_t). sign(0) = 0, so rows with A = 0 stay 0. Since
     w_t > 0, |A_t - A| <= lam * eps_w * |A|.
 
@@ -310,7 +273,7 @@ def token_advantages(
         adv, rew, student, teacher, mask = _validated_token_inputs(
             method, advantages, rewards, student_logprobs, teacher_logprobs, mask
         )
-        weight, gate = ADVANTAGE_METHODS[method](adv, rew, student, teacher)
+        weight, gate = get_method(method).weight(adv, rew, student, teacher)
         # Clip before mixing: the clipped weight is finite even if exp() overflowed,
         # so lam = 0 gives exactly 1 * A.
         mixed = (1.0 - lam) + lam * weight.clamp(1.0 - eps_w, 1.0 + eps_w)
@@ -484,6 +447,93 @@ def policy_loss(
 
 
 # --------------------------------------------------------------------------------------
+# Self-distillation divergence (SDPO, Hübotter et al. 2026, arXiv 2601.20802)
+# --------------------------------------------------------------------------------------
+
+
+def _with_tail(logp: Tensor) -> Tensor:
+    """Append log(1 - sum exp(logp)) as one extra category (the mass outside the support).
+
+    The log-sum-exp is capped just below 0 so a support holding (numerically) all the mass
+    gets a tiny, finite tail rather than log(0) (as the SDPO reference code does)."""
+    tiny = torch.finfo(logp.dtype).eps
+    log_s = torch.logsumexp(logp, dim=-1, keepdim=True).clamp(max=math.log1p(-tiny))
+    return torch.cat([logp, torch.log(-torch.expm1(log_s))], dim=-1)
+
+
+def _kl_terms(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL(P || Q) over the last axis from (floored, finite) log-probabilities."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def self_distillation_divergence(
+    student_logprobs: Tensor,
+    teacher_logprobs: Tensor,
+    *,
+    alpha: float,
+    add_tail: bool = True,
+    kl_clip: float | None = None,
+) -> Tensor:
+    """SDPO's logit-level divergence between the student and teacher views on a top-k support.
+
+    Both inputs are log-probabilities (full-vocabulary normalised) of the SAME k support
+    tokens per position (SDPO: the student's top-k). With `add_tail` a (k+1)-th category
+    log(1 - sum_k p) holds the remaining mass on each side; otherwise both are renormalised
+    over the k. Then, with P_S, P_T the resulting distributions,
+
+        alpha = 0      KL(P_T || P_S)                                   (forward KL)
+        alpha = 1      KL(P_S || P_T)                                   (reverse KL)
+        otherwise      alpha KL(P_T || M) + (1 - alpha) KL(P_S || M),   M = (1 - alpha) P_S + alpha P_T
+
+    the generalised Jensen-Shannon divergence of the SDPO reference implementation
+    (lasgroup/SDPO `compute_self_distillation_loss`; Table 5 of the RLRT paper: JS, alpha = 0.5,
+    top-k 100). `kl_clip` caps the divergence per position (gradient 0 where capped).
+
+    Numerics: computed in float32 (float64 if an input is); log-probs are floored at
+    log(smallest normal float) so -inf (a token one view deems impossible) gives a large finite
+    divergence and finite gradients, never inf/NaN; the tail mass is kept >= machine epsilon.
+
+    Args:
+        student_logprobs: [..., k] log P_S at the support ids (with grad in the learner).
+        teacher_logprobs: [..., k] log P_T at the same ids (a target: detach it yourself).
+        alpha: interpolation in [0, 1].
+        add_tail: add the tail category (True) or renormalise over the k (False).
+        kl_clip: None or a cap > 0 per position.
+    Returns:
+        [...] divergence per position, >= 0.
+    """
+    _check_same_shape("student_logprobs", student_logprobs, "teacher_logprobs", teacher_logprobs)
+    if student_logprobs.ndim < 1 or student_logprobs.shape[-1] < 1:
+        raise ValueError(f"support log-probs need a k dimension >= 1, got shape {tuple(student_logprobs.shape)}")
+    _check_unit_interval("alpha", alpha)
+    if kl_clip is not None and not (isinstance(kl_clip, (int, float)) and math.isfinite(kl_clip) and kl_clip > 0):
+        raise ValueError(f"kl_clip must be None or a finite number > 0, got {kl_clip!r}")
+    _check_rows("student_logprobs", student_logprobs.detach())
+    _check_rows("teacher_logprobs", teacher_logprobs.detach())
+    dtype = _float_dtype(student_logprobs, teacher_logprobs)
+    floor = math.log(torch.finfo(dtype).tiny)
+    s = student_logprobs.to(dtype).clamp_min(floor)
+    t = teacher_logprobs.to(dtype).clamp_min(floor)
+    if add_tail:
+        s, t = _with_tail(s), _with_tail(t)
+    else:
+        s = s - torch.logsumexp(s, dim=-1, keepdim=True)
+        t = t - torch.logsumexp(t, dim=-1, keepdim=True)
+    s, t = s.clamp_min(floor), t.clamp_min(floor)
+    if alpha == 0.0:
+        div = _kl_terms(t, s)
+    elif alpha == 1.0:
+        div = _kl_terms(s, t)
+    else:
+        log_m = torch.logsumexp(torch.stack([s + math.log(1.0 - alpha), t + math.log(alpha)]), dim=0)
+        div = alpha * _kl_terms(t, log_m) + (1.0 - alpha) * _kl_terms(s, log_m)
+    div = div.clamp_min(0.0)
+    if kl_clip is not None:
+        div = div.clamp(max=kl_clip)
+    return div
+
+
+# --------------------------------------------------------------------------------------
 # Information-asymmetry diagnostics (eq. 3, sec. 4)
 # --------------------------------------------------------------------------------------
 
@@ -607,7 +657,7 @@ def position_asymmetry_topk(
 
 def _correct_rows(adv: Tensor, rew: Tensor) -> Tensor:
     """[B] bool: correct rollouts with positive advantage (where up-weighting is meaningful)."""
-    return (rew == CORRECT_REWARD) & (adv > 0)
+    return correct_mask(rew) & (adv > 0)
 
 
 def upweighted_fraction(
@@ -631,7 +681,7 @@ def upweighted_fraction(
         adv, rew, student, teacher, mask = _validated_token_inputs(
             method, advantages, rewards, student_logprobs, teacher_logprobs, mask
         )
-        weight, gate = ADVANTAGE_METHODS[method](adv, rew, student, teacher)
+        weight, gate = get_method(method).weight(adv, rew, student, teacher)
         tokens = mask & _correct_rows(adv, rew)[:, None]
         n = int(tokens.sum())
         if n == 0:
@@ -666,7 +716,7 @@ def asymmetry_summary(
     _check_unit_interval("lam", lam)
     if not (math.isfinite(eps_w) and eps_w >= 0.0):
         raise ValueError(f"eps_w must be a finite number >= 0, got {eps_w!r}")
-    if teacher_logprobs is None and method == "grpo":
+    if teacher_logprobs is None and not method_needs_teacher(method):
         _check_method(method)
         return {}
     with torch.no_grad():
@@ -675,7 +725,7 @@ def asymmetry_summary(
         )
         assert teacher is not None
         d_hat = student - teacher
-        correct = mask & (rew == CORRECT_REWARD)[:, None]
+        correct = mask & correct_mask(rew)[:, None]
         d_correct = d_hat[correct]
         out: dict[str, Any] = {"n_correct_tokens": float(d_correct.numel())}
         if d_correct.numel():
@@ -691,7 +741,7 @@ def asymmetry_summary(
         d_valid = d_hat[mask]
         out["d_hat_mean_all"] = float(d_valid.mean()) if d_valid.numel() else 0.0
 
-        weight, gate = ADVANTAGE_METHODS[method](adv, rew, student, teacher)
+        weight, gate = get_method(method).weight(adv, rew, student, teacher)
         shaped = mask & (gate & (adv != 0))[:, None]
         w = weight[shaped]
         if w.numel():

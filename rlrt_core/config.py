@@ -14,14 +14,16 @@ names the field (`ConfigError`).
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-Method = Literal["grpo", "rlsd", "rlrt", "rlrt_all"]
+from rlrt_core.losses import get_loss
+from rlrt_core.methods import get_method
 
 ENV_PREFIX = "RLRT__"
 # Conventional deployment variables mapped onto config paths.
@@ -110,7 +112,8 @@ class VerifierConfig(_Section):
 
 
 class TeacherConfig(_Section):
-    context: Literal["solution", "peer", "solution_or_peer"] = "solution_or_peer"
+    # None = the method's default (RLSD/RLRT: solution_or_peer; SDPO/SRPO: peer).
+    context: Literal["solution", "peer", "solution_or_peer"] | None = None
     teacher_template: str | None = None  # None = rlrt_core.prompts default
     topk: int = Field(0, ge=0, le=1000, description="top-k rows kept for D̄_t (0 = exact from full rows)")
     batch_size: int = Field(16, ge=1)
@@ -145,27 +148,85 @@ class LearnerConfig(_Section):
         return self
 
 
-class AlgorithmConfig(_Section):
-    """Advantage shaping and loss (paper eqs. 2, 6, 7; Table 4/5)."""
+def import_plugins(modules: list[str]) -> None:
+    """Import `algorithm.plugins` (modules that register methods or losses); ValueError naming
+    the module on failure. Importing twice is a no-op (Python caches modules)."""
+    for name in modules:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"algorithm.plugins: module names must be non-empty strings, got {name!r}")
+        try:
+            importlib.import_module(name)
+        except Exception as err:  # noqa: BLE001 - any failure of user code is a config error
+            raise ValueError(f"algorithm.plugins: cannot import module {name!r}: {type(err).__name__}: {err}") from None
 
-    method: Method = "rlrt"
+
+class AlgorithmConfig(_Section):
+    """Method, advantage shaping and loss (paper eqs. 2, 6, 7; Tables 4/5; App. G.1).
+
+    `method` names a spec of `rlrt_core.methods` (built-in or registered by a module listed in
+    `plugins`, imported before validation). Unset `norm_by_std` and `entropy_coef` take the
+    method's defaults."""
+
+    plugins: list[str] = Field(default_factory=list, description="modules imported before validation")
+    method: str = "rlrt"
     lam_init: float = Field(0.5, ge=0.0, le=1.0)
     decay_steps: int | None = Field(None, ge=1, description="linear λ decay to 0; None = constant")
     eps_w: float = Field(1.0, ge=0.0, le=10.0)
-    norm_by_std: bool | None = Field(None, description="None = paper default (off for GRPO)")
+    norm_by_std: bool | None = Field(None, description="None = the method's default (off for GRPO)")
     adv_eps: float = Field(1e-6, gt=0.0)
     eps_low: float = Field(0.2, ge=0.0, le=1.0)
     eps_high: float = Field(0.28, ge=0.0, le=10.0)
     is_cap: float | None = Field(2.0, gt=0.0)
     dual_clip: float | None = Field(None, gt=1.0)
-    entropy_coef: float = Field(0.0, ge=0.0)
+    entropy_coef: float = Field(0.0, ge=0.0, description="entropy bonus; unset = the method's default")
+    # Self-distillation (SDPO / SRPO; Table 5 and the SDPO reference configuration)
+    distill_topk: int = Field(100, ge=1, le=1000, description="student top-k support of the distillation")
+    distill_alpha: float = Field(0.5, ge=0.0, le=1.0, description="0 = KL(P_T||P_S), 1 = KL(P_S||P_T), else JS")
+    distill_add_tail: bool = True
+    distill_kl_clip: float | None = Field(None, gt=0.0, description="per-position cap of the divergence")
+    distill_is_clip: float | None = Field(2.0, gt=0.0, description="IS clip vs the behaviour policy; None = off")
+    srpo_beta: float = Field(0.5, ge=0.0, description="SRPO entropy-aware weighting coefficient")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plugins_and_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        plugins = data.get("plugins") or []
+        if not isinstance(plugins, list):
+            raise ValueError("algorithm.plugins must be a list of module names")
+        import_plugins(plugins)
+        method = data.get("method", "rlrt")
+        if data.get("entropy_coef") is None and isinstance(method, str):
+            try:
+                data = {**data, "entropy_coef": get_method(method).entropy_coef}
+            except ValueError:
+                pass  # the method field reports it
+        return data
+
+    @field_validator("method")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        spec = get_method(v)  # ValueError listing the registered names
+        get_loss(spec.loss)  # ValueError listing the registered losses
+        return v
+
+    @property
+    def spec(self):
+        """The `rlrt_core.methods.MethodSpec` of `method`."""
+        return get_method(self.method)
 
     @property
     def std_normalised(self) -> bool:
-        """Paper Table 5: std normalisation off for GRPO (Dr.GRPO), on for RLSD/RLRT."""
+        """Advantage std normalisation: the recipe's value, else the method's default (Table 5:
+        off for GRPO/SDPO/SRPO, on for RLSD/RLRT)."""
         if self.norm_by_std is not None:
             return self.norm_by_std
-        return self.method != "grpo"
+        return self.spec.norm_by_std
+
+    def teacher_context(self, teacher: "TeacherConfig") -> str:
+        """The privileged context the teacher uses: `teacher.context`, else the method's default."""
+        return teacher.context or self.spec.context
 
 
 class TransportConfig(_Section):

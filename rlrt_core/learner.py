@@ -2,11 +2,15 @@
 
 Read top to bottom, a step is (paper Algorithm 1 + Table 5's DAPO-style surrogate):
 
-1. group advantages      A^(k) = (r_k - mean_g r) / (std_g r + eps)        (std only for RLSD/RLRT)
-2. π_old log-probs       log π_old(y_t | x, y<t) under the weights before this step
+1. group advantages      A^(k) = (r_k - mean_g r) / (std_g r + eps)        (std per the method's spec)
+2. π_old log-probs       log π_old(y_t | x, y<t) under the weights before this step (if the loss needs it)
 3. token advantages      A_t = A · [(1-λ) + λ · clip(w_t, 1-ε_w, 1+ε_w)]   (eq. 7; w_t per method)
-4. PPO mini-batches      clip-higher surrogate × truncated IS min(π_old/π_behaviour, C), token-mean
+4. PPO mini-batches      the method's registered loss (`rlrt_core.losses`): PPO clip-higher × truncated
+                         IS for GRPO/RLSD/RLRT, self-distillation for SDPO, both routed for SRPO
 5. AdamW with warm-up, grad-clip; a non-finite loss or gradient skips the update (counted)
+
+The method is data (`rlrt_core.methods.MethodSpec`): the step looks up its weight, its loss and
+what that loss needs; no method name appears here.
 
 The learner never sees Redis or gRPC: the service hands it `TrainGroup`s and publishes
 the weights it returns. Everything here also works as a library inside another trainer.
@@ -24,7 +28,11 @@ import torch
 
 from rlrt_core import algorithms
 from rlrt_core.config import AlgorithmConfig, LearnerConfig
+from rlrt_core.losses import LossBatch, get_loss
+from rlrt_core.methods import correct_mask, get_method
+from rlrt_core.proto import trajectory_pb2 as pb
 from rlrt_core.scoring import score_tokens
+from rlrt_core.transport.codec import tensor_from_proto
 
 
 @dataclass
@@ -32,7 +40,10 @@ class TrainSample:
     """One completion of a group, as the learner needs it.
 
     `student_logprobs`/`teacher_logprobs` come from the teacher scorer ([T] floats each)
-    and are None where the method does not reweight this rollout (weight 1)."""
+    and are None where the method does not reweight this rollout (weight 1).
+    `support_ids` [T, k] int64 / `teacher_support_logprobs` [T, k]: the student's top-k ids and
+    the teacher's log-probs there (SDPO/SRPO distillation target), None without a teacher.
+    `teacher_entropy`: [T] entropy of the teacher view (SRPO), or None."""
 
     prompt_ids: list[int]
     response_ids: list[int]
@@ -40,6 +51,9 @@ class TrainSample:
     reward: float
     student_logprobs: list[float] | None = None
     teacher_logprobs: list[float] | None = None
+    support_ids: torch.Tensor | None = None
+    teacher_support_logprobs: torch.Tensor | None = None
+    teacher_entropy: list[float] | None = None
 
 
 @dataclass
@@ -49,6 +63,32 @@ class TrainGroup:
     group_id: str
     version: int
     samples: list[TrainSample]
+
+
+def train_group(g: pb.RolloutGroup) -> TrainGroup:
+    """A verified (and possibly teacher-scored) protobuf group -> the learner's `TrainGroup`.
+
+    Raises ValueError naming the group when rewards or behaviour log-probs are missing; a
+    score without log-probs (not scored / no context) gives None fields (weight 1, no target)."""
+    if len(g.verifier_results) != len(g.completions):
+        raise ValueError(f"group {g.group_id}: {len(g.completions)} completions, {len(g.verifier_results)} rewards")
+    samples = []
+    for i, c in enumerate(g.completions):
+        n = len(c.token_ids)
+        if len(c.logprobs) != n:
+            raise ValueError(f"group {g.group_id}: completion {i} has {n} tokens but {len(c.logprobs)} behaviour log-probs")
+        sc = g.teacher_scores[i] if i < len(g.teacher_scores) else None
+        has = sc is not None and n > 0 and len(sc.teacher_logprobs) == n and len(sc.student_logprobs) == n
+        support = has and sc.HasField("support_ids") and sc.HasField("teacher_support_logprobs")
+        samples.append(TrainSample(
+            prompt_ids=list(g.prompt_ids), response_ids=list(c.token_ids), behavior_logprobs=list(c.logprobs),
+            reward=float(g.verifier_results[i].reward),
+            student_logprobs=list(sc.student_logprobs) if has else None,
+            teacher_logprobs=list(sc.teacher_logprobs) if has else None,
+            support_ids=tensor_from_proto(sc.support_ids).long() if support else None,
+            teacher_support_logprobs=tensor_from_proto(sc.teacher_support_logprobs).float() if support else None,
+            teacher_entropy=list(sc.teacher_entropy) if has and len(sc.teacher_entropy) == n else None))
+    return TrainGroup(group_id=g.group_id, version=int(g.version), samples=samples)
 
 
 @dataclass
@@ -136,18 +176,23 @@ class PolicyLearner:
 
     # -- pieces of a step --------------------------------------------------------------
     def _logprobs(self, prompts: list[list[int]], responses: list[list[int]], length: int, *,
-                  grad: bool, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Log-probs [b, length] (and entropy) of responses under the current weights."""
+                  grad: bool, with_entropy: bool = False, support_ids: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Log-probs [b, length] (and entropy [b, length], log-probs at `support_ids` [b, length, k])
+        of responses under the current weights."""
         with self.ds.scoring() if self.ds is not None else contextlib.nullcontext():
             res = score_tokens(self.model, prompts, responses, temperature=self.temperature,
-                               with_entropy=with_entropy, grad=grad)
+                               with_entropy=with_entropy, grad=grad, support_ids=support_ids)
         lp = res.logprobs.to(self.device)
         ent = res.entropy.to(self.device) if res.entropy is not None else None
+        sup = res.support_logprobs.to(self.device) if res.support_logprobs is not None else None
         t = lp.shape[1]
         if t < length:  # score_tokens pads to the micro-batch's longest response
             lp = torch.nn.functional.pad(lp, (0, length - t))
             ent = torch.nn.functional.pad(ent, (0, length - t)) if ent is not None else None
-        return lp[:, :length], (ent[:, :length] if ent is not None else None)
+            sup = torch.nn.functional.pad(sup, (0, 0, 0, length - t)) if sup is not None else None
+        return (lp[:, :length], ent[:, :length] if ent is not None else None,
+                sup[:, :length] if sup is not None else None)
 
     def _old_logprobs(self, prompts: list[list[int]], responses: list[list[int]], length: int) -> torch.Tensor:
         mb = self.cfg.micro_batch_size
@@ -155,9 +200,34 @@ class PolicyLearner:
         self.model.eval()
         with torch.no_grad():
             for i in range(0, len(prompts), mb):
-                lp, _ = self._logprobs(prompts[i:i + mb], responses[i:i + mb], length, grad=False)
+                lp, _, _ = self._logprobs(prompts[i:i + mb], responses[i:i + mb], length, grad=False)
                 out.append(lp)
         return torch.cat(out, 0)
+
+    def _support(self, samples: list[TrainSample], length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(support ids [B, length, k] long, teacher log-probs there [B, length, k], has_teacher [B]).
+        Rows without a target get id 0 / log-prob 0 and has_teacher False (the loss masks them)."""
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        ks = {int(s.support_ids.shape[-1]) for s in samples if s.support_ids is not None}
+        if len(ks) > 1:
+            raise ValueError(f"support rows of one step differ in k: {sorted(ks)}")
+        k = ks.pop() if ks else 1
+        ids = torch.zeros(len(samples), length, k, dtype=torch.long)
+        lps = torch.zeros(len(samples), length, k)
+        has = torch.zeros(len(samples), dtype=torch.bool)
+        for i, s in enumerate(samples):
+            if s.support_ids is None or s.teacher_support_logprobs is None:
+                continue
+            n = len(s.response_ids)
+            if tuple(s.support_ids.shape) != (n, k) or tuple(s.teacher_support_logprobs.shape) != (n, k):
+                raise ValueError(f"sample {i}: support rows {tuple(s.support_ids.shape)}/"
+                                 f"{tuple(s.teacher_support_logprobs.shape)} for {n} tokens, k = {k}")
+            if n and (int(s.support_ids.min()) < 0 or int(s.support_ids.max()) >= vocab):
+                raise ValueError(f"sample {i}: support ids outside the vocabulary [0, {vocab})")
+            ids[i, :n] = s.support_ids
+            lps[i, :n] = s.teacher_support_logprobs
+            has[i] = True
+        return ids.to(self.device), lps.to(self.device), has.to(self.device)
 
     def step(self, groups: Sequence[TrainGroup]) -> StepResult:
         """One learner step on `groups` (normally `groups_per_step` of them)."""
@@ -165,6 +235,8 @@ class PolicyLearner:
             raise ValueError("step() needs at least one group")
         t0 = time.perf_counter()
         algo = self.algo
+        spec = get_method(algo.method)
+        loss_spec = get_loss(spec.loss)
         samples = [s for g in groups for s in g.samples]
         for g in groups:
             for s in g.samples:
@@ -185,20 +257,31 @@ class PolicyLearner:
                     for g in groups]
         advantages = torch.cat(adv_rows).to(self.device)
 
-        # 2. π_old: the weights before this step (the behaviour policy may be older)
-        old_lp = self._old_logprobs(prompts, responses, T)
+        # 2. π_old: the weights before this step (the behaviour policy may be older); only for
+        # losses with a PPO ratio
+        old_lp = self._old_logprobs(prompts, responses, T) if loss_spec.needs_old_logprobs else None
 
         # 3. token advantages (eq. 7). Rollouts without teacher scores get D̂ = 0 (weight 1).
         lam = algorithms.mixing_schedule(self.step_index, lam_init=algo.lam_init, decay_steps=algo.decay_steps)
-        if algo.method == "grpo":
+        if not spec.needs_teacher:
             student_lp, teacher_lp = behavior, None
         else:
             student_lp = _pad([s.student_logprobs or [0.0] * len(s.response_ids) for s in samples], T,
                               torch.float32).to(self.device)
             teacher_lp = _pad([s.teacher_logprobs or (s.student_logprobs or [0.0] * len(s.response_ids))
                                for s in samples], T, torch.float32).to(self.device)
-        tok_adv = algorithms.token_advantages(algo.method, advantages, rewards, student_lp, teacher_lp, mask,
-                                              lam=lam, eps_w=algo.eps_w)
+        if spec.weight is not None:
+            tok_adv = algorithms.token_advantages(algo.method, advantages, rewards, student_lp, teacher_lp, mask,
+                                                  lam=lam, eps_w=algo.eps_w)
+        else:  # the loss does not shape advantages (SDPO): A broadcast, for diagnostics
+            tok_adv = torch.where(mask, advantages[:, None].expand_as(behavior), torch.zeros_like(behavior))
+
+        full = LossBatch(mask=mask, rewards=rewards, behavior_logprobs=behavior, token_advantages=tok_adv,
+                         old_logprobs=old_lp)
+        if loss_spec.needs_support:
+            full.support_ids, full.teacher_support_logprobs, full.has_teacher = self._support(samples, T)
+        if any(s.teacher_entropy is not None for s in samples):
+            full.teacher_entropy = _pad([s.teacher_entropy or [] for s in samples], T, torch.float32).to(self.device)
 
         # 4. PPO mini-batches over groups; token-mean over each mini-batch's tokens
         self.model.train()
@@ -216,7 +299,8 @@ class PolicyLearner:
         for _epoch in range(self.cfg.ppo_epochs):
             for gs in range(0, len(groups), mb_groups):
                 rows = [i for gi in group_index[gs:gs + mb_groups] for i in gi]
-                n_tok = float(mask[rows].sum().item())
+                mb = loss_spec.prepared(full.rows(rows), algo)
+                n_tok = float(mb.loss_mask.sum().item())
                 if n_tok == 0:
                     continue
                 if self.ds is not None:
@@ -224,24 +308,30 @@ class PolicyLearner:
                 else:
                     self.optimizer.zero_grad(set_to_none=True)
                 finite = True
-                for ms in range(0, len(rows), self.cfg.micro_batch_size):
-                    idx = rows[ms:ms + self.cfg.micro_batch_size]
-                    lp, ent = self._logprobs([prompts[i] for i in idx], [responses[i] for i in idx], T,
-                                             grad=True, with_entropy=algo.entropy_coef > 0)
-                    m = mask[idx]
-                    if not (bool(torch.isfinite(lp[m]).all()) and bool(torch.isfinite(old_lp[idx][m]).all())):
+                # Micro-batches with no loss token (e.g. no SDPO target) are not run at all.
+                micros = [list(range(ms, min(ms + self.cfg.micro_batch_size, len(rows))))
+                          for ms in range(0, len(rows), self.cfg.micro_batch_size)]
+                micros = [loc for loc in micros if bool(mb.loss_mask[loc].any())]
+                for mi, local in enumerate(micros):
+                    idx = [rows[j] for j in local]
+                    micro = mb.rows(local)
+                    micro_tok = float(micro.loss_mask.sum().item())
+                    lp, ent, sup = self._logprobs([prompts[i] for i in idx], [responses[i] for i in idx], T,
+                                                  grad=True, with_entropy=algo.entropy_coef > 0,
+                                                  support_ids=micro.support_ids)
+                    m = micro.mask
+                    if not (bool(torch.isfinite(lp[m]).all())
+                            and (micro.old_logprobs is None or bool(torch.isfinite(micro.old_logprobs[m]).all()))):
                         finite = False  # a non-finite forward pass: skip this update, count it
                         break
-                    loss, met = algorithms.policy_loss(
-                        lp, old_lp[idx], tok_adv[idx], m, eps_low=algo.eps_low, eps_high=algo.eps_high,
-                        behavior_logprobs=behavior[idx], is_cap=algo.is_cap, dual_clip=algo.dual_clip,
-                        entropy=ent, entropy_coef=algo.entropy_coef)
-                    micro_tok = float(m.sum().item())
+                    micro.logprobs, micro.entropy, micro.support_logprobs = lp, ent, sup
+                    loss, met = loss_spec.fn(micro, algo)
                     if not torch.isfinite(loss):
                         finite = False
                         break
+                    last = mi == len(micros) - 1
                     if self.ds is not None:
-                        self.ds.backward(loss * (micro_tok / n_tok), last=ms + self.cfg.micro_batch_size >= len(rows))
+                        self.ds.backward(loss * (micro_tok / n_tok), last=last)
                     else:
                         (loss * (micro_tok / n_tok)).backward()
                     for k, v in met.items():
@@ -283,7 +373,7 @@ class PolicyLearner:
         metrics = {f"loss/{k}": v / agg_tokens for k, v in agg.items()} if agg_tokens else {}
         metrics.update({f"loss/{k}": v for k, v in agg_max.items()})
         lengths = torch.tensor([len(s.response_ids) for s in samples], dtype=torch.float32)
-        correct = rewards > 0.5
+        correct = correct_mask(rewards)
         metrics.update({
             "reward/mean": float(rewards.mean()),
             "reward/std": float(rewards.std()) if B > 1 else 0.0,
@@ -301,7 +391,7 @@ class PolicyLearner:
             "time/step_s": time.perf_counter() - t0,
         })
         scored = torch.tensor([s.teacher_logprobs is not None for s in samples], device=self.device)
-        if teacher_lp is not None and bool(scored.any()):
+        if teacher_lp is not None and spec.weight is not None and bool(scored.any()):
             # Diagnostics over the rollouts the teacher actually scored (the others have D̂ = 0
             # by construction and would only dilute the signal).
             summary = algorithms.asymmetry_summary(algo.method, advantages, rewards, student_lp, teacher_lp,

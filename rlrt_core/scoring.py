@@ -36,6 +36,7 @@ class ScoreResult:
     entropy: [B, T] float32 entropy of the full next-token distribution (0 at padding), or None.
     topk_ids: [B, T, k] int64 ids of the k most likely next tokens, or None.
     topk_logprobs: [B, T, k] float32 their log-probs (full-vocabulary normalisation), or None.
+    support_logprobs: [B, T, s] float32 log-probs at the given `support_ids`, or None.
     """
 
     logprobs: Tensor
@@ -43,6 +44,7 @@ class ScoreResult:
     entropy: Tensor | None = None
     topk_ids: Tensor | None = None
     topk_logprobs: Tensor | None = None
+    support_logprobs: Tensor | None = None
 
 
 def _head_and_body(model: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -94,9 +96,10 @@ def _validate(model: Any, prompt_ids: Sequence[Sequence[int]], response_ids: Seq
 
 
 def _chunk_scores(head: torch.nn.Module, softcap: float | None, temperature: float, with_entropy: bool,
-                  topk: int, h: Tensor, y: Tensor) -> tuple[Tensor, ...]:
-    """Scores of one chunk. h: [n, H] hidden states, y: [n] target ids -> (logprob [n], entropy [n]?,
-    topk ids [n, k]?, topk logprobs [n, k]?). Only this function ever holds an [n, V] tensor."""
+                  topk: int, h: Tensor, y: Tensor, support: Tensor | None = None) -> tuple[Tensor, ...]:
+    """Scores of one chunk. h: [n, H] hidden states, y: [n] target ids, support: [n, s] ids or None
+    -> (logprob [n], entropy [n]?, topk ids [n, k]?, topk logprobs [n, k]?, support logprobs [n, s]?).
+    Only this function ever holds an [n, V] tensor."""
     logits = head(h).float()
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
@@ -111,12 +114,14 @@ def _chunk_scores(head: torch.nn.Module, softcap: float | None, temperature: flo
     if topk:
         vals, ids = logp.topk(topk, dim=-1)
         out.extend([ids, vals])
+    if support is not None:
+        out.append(logp.gather(-1, support))
     return tuple(out)
 
 
 def score_tokens(model: Any, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]], *,
                  temperature: float = 1.0, with_entropy: bool = False, topk: int = 0, chunk_size: int = 256,
-                 grad: bool = False, share_prefix: bool = True) -> ScoreResult:
+                 grad: bool = False, share_prefix: bool = True, support_ids: Tensor | None = None) -> ScoreResult:
     """Log-probs of `response_ids[i]` following `prompt_ids[i]`, chunked over scored positions.
 
     prompt_ids: B lists of ids (any lengths >= 1); response_ids: B lists (may be empty).
@@ -129,9 +134,14 @@ def score_tokens(model: Any, prompt_ids: Sequence[Sequence[int]], response_ids: 
     share_prefix: when rows repeat a prompt (the K samples of a GRPO group), run each distinct
         prompt once and its responses on the repeated KV cache: same values, about K x less
         prompt compute (see `_hidden_shared_prefix`).
+    support_ids: [B, >= T, s] long ids; also return the log-probs at those ids per position
+        ([B, T, s], `support_logprobs`; with gradient when `grad`). SDPO: the teacher view at the
+        student's top-k ids (teacher scorer), the student view at them (learner).
     Returns a ScoreResult of right-padded [B, T] tensors on the model's device (T = longest response).
     """
     _validate(model, prompt_ids, response_ids, temperature, topk, chunk_size)
+    if support_ids is not None:
+        _validate_support(model, support_ids, len(prompt_ids), max(len(r) for r in response_ids))
     head, body = _head_and_body(model)
     device = model.get_output_embeddings().weight.device
     B = len(prompt_ids)
@@ -144,9 +154,11 @@ def score_tokens(model: Any, prompt_ids: Sequence[Sequence[int]], response_ids: 
     def empty(*shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
         return torch.zeros(B, T, *shape, dtype=dtype, device=device)
 
+    n_support = support_ids.shape[-1] if support_ids is not None else 0
     if T == 0:
         return ScoreResult(empty(), mask, empty() if with_entropy else None,
-                           empty(topk, dtype=torch.long) if topk else None, empty(topk) if topk else None)
+                           empty(topk, dtype=torch.long) if topk else None, empty(topk) if topk else None,
+                           empty(n_support) if support_ids is not None else None)
 
     seqs = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids)]
     L = max(len(s) for s in seqs)
@@ -161,8 +173,10 @@ def score_tokens(model: Any, prompt_ids: Sequence[Sequence[int]], response_ids: 
     cols = torch.cat([torch.arange(n, dtype=torch.long) + len(p) - 1 for p, n in zip(prompt_ids, resp_lens)])
     targets = torch.cat([torch.tensor(list(r), dtype=torch.long) for r in response_ids if r]).to(device)
 
+    # Support ids of the scored positions, in the same row-major order as `targets`.
+    support = support_ids[:, :T].to(device=device, dtype=torch.long)[mask] if support_ids is not None else None
     softcap = getattr(model.config, "final_logit_softcapping", None)
-    n_out = 1 + int(with_entropy) + (2 if topk else 0)
+    n_out = 1 + int(with_entropy) + (2 if topk else 0) + int(support is not None)
     with torch.set_grad_enabled(grad):
         if share_prefix and len({tuple(p) for p in prompt_ids}) < B:
             h = _hidden_shared_prefix(body, prompt_ids, response_ids, pad, device)  # [N, H]
@@ -173,7 +187,8 @@ def score_tokens(model: Any, prompt_ids: Sequence[Sequence[int]], response_ids: 
             del hidden
         parts: list[list[Tensor]] = [[] for _ in range(n_out)]
         for s in range(0, h.shape[0], chunk_size):
-            args = (head, softcap, temperature, with_entropy, topk, h[s : s + chunk_size], targets[s : s + chunk_size])
+            args = (head, softcap, temperature, with_entropy, topk, h[s : s + chunk_size], targets[s : s + chunk_size],
+                    support[s : s + chunk_size] if support is not None else None)
             res = checkpoint(_chunk_scores, *args, use_reentrant=False) if grad else _chunk_scores(*args)
             for acc, t in zip(parts, res):
                 acc.append(t)
@@ -189,7 +204,21 @@ def score_tokens(model: Any, prompt_ids: Sequence[Sequence[int]], response_ids: 
         entropy = scatter(next(it)) if with_entropy else None
         topk_ids = scatter(next(it), topk) if topk else None
         topk_lp = scatter(next(it), topk) if topk else None
-    return ScoreResult(logprobs, mask, entropy, topk_ids, topk_lp)
+        support_lp = scatter(next(it), n_support) if support is not None else None
+    return ScoreResult(logprobs, mask, entropy, topk_ids, topk_lp, support_lp)
+
+
+def _validate_support(model: Any, support_ids: Tensor, batch: int, longest: int) -> None:
+    if not isinstance(support_ids, Tensor) or support_ids.ndim != 3:
+        raise ValueError(f"support_ids must be a [B, T, s] tensor, got {getattr(support_ids, 'shape', support_ids)!r}")
+    if support_ids.dtype.is_floating_point or support_ids.dtype == torch.bool:
+        raise ValueError(f"support_ids must hold integer token ids, got dtype {support_ids.dtype}")
+    b, t, s = support_ids.shape
+    if b != batch or t < longest or s < 1:
+        raise ValueError(f"support_ids has shape {tuple(support_ids.shape)}; need [{batch}, >= {longest}, >= 1]")
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if support_ids.numel() and (int(support_ids.min()) < 0 or int(support_ids.max()) >= vocab):
+        raise ValueError(f"support_ids hold ids outside the vocabulary [0, {vocab})")
 
 
 def _hidden_shared_prefix(body: torch.nn.Module, prompt_ids: Sequence[Sequence[int]],

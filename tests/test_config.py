@@ -83,3 +83,17 @@ def test_paper_recipe_matches_table5():
     assert (cfg.learner.groups_per_step, cfg.learner.mini_batch_groups, cfg.rollout.n_samples) == (256, 128, 8)
     assert cfg.rollout.temperature == 1.0 and cfg.rollout.max_new_tokens == 20480
     assert cfg.rollout.engine == "vllm"
+
+
+def test_sdpo_and_srpo_recipes_match_table5():
+    root = Path(__file__).resolve().parents[1] / "configs"
+    sdpo = load_config(root / "sdpo-qwen3-8b.yaml", use_env=False)
+    a = sdpo.algorithm
+    assert (a.method, a.distill_alpha, a.distill_topk, a.distill_add_tail, a.distill_is_clip) == ("sdpo", 0.5, 100, True, 2.0)
+    assert sdpo.learner.lr == 1e-5 and a.std_normalised is False and a.teacher_context(sdpo.teacher) == "peer"
+    assert (sdpo.learner.groups_per_step, sdpo.learner.mini_batch_groups, sdpo.rollout.n_samples) == (256, 128, 8)
+    srpo = load_config(root / "srpo-qwen3-8b.yaml", use_env=False)
+    assert (srpo.algorithm.method, srpo.algorithm.srpo_beta, srpo.learner.lr) == ("srpo", 0.5, 5e-6)
+    assert srpo.algorithm.std_normalised is False
+    tiny = load_config(root / "tiny.yaml", overrides={"algorithm": {"method": "sdpo"}}, use_env=False)
+    assert tiny.algorithm.distill_topk == 8 and tiny.algorithm.teacher_context(tiny.teacher) == "peer"

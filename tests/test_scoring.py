@@ -172,3 +172,35 @@ def test_shared_prefix_matches_unshared_values_and_gradients():
         grads.append([p.grad.clone() for p in model.parameters()])
     for g0, g1 in zip(*grads):
         assert torch.allclose(g0, g1, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_support_logprobs_equal_naive_gather_with_gradient(model, share):
+    prompts, responses = _batch(7, B=4)
+    if share:  # the K samples of a group share the prompt: the shared-prefix path
+        prompts = [prompts[0]] * 4
+    T = max(len(r) for r in responses)
+    support = torch.randint(0, 49152, (4, T + 2, 3), generator=torch.Generator().manual_seed(1))
+    model.zero_grad(set_to_none=True)
+    res = score_tokens(model, prompts, responses, support_ids=support, chunk_size=5, grad=True, share_prefix=share)
+    assert res.support_logprobs.shape == (4, T, 3) and res.support_logprobs.requires_grad
+    res.support_logprobs[res.mask].sum().backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    _, _, full = _naive(model, prompts, responses, grad=True)
+    ref_sum = 0
+    for i, r in enumerate(responses):
+        n = len(r)
+        ref = full[i].gather(-1, support[i, :n])
+        torch.testing.assert_close(res.support_logprobs[i, :n].detach(), ref.detach(), atol=TOL, rtol=0)
+        assert torch.all(res.support_logprobs[i, n:] == 0)
+        ref_sum = ref_sum + ref.sum()
+    ref_sum.backward()
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(got[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+    model.zero_grad(set_to_none=True)
+    with pytest.raises(ValueError, match="support_ids"):
+        score_tokens(model, prompts, responses, support_ids=support[:, :1])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        score_tokens(model, prompts, responses, support_ids=support + 49152)

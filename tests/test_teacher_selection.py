@@ -1,27 +1,36 @@
-"""Which rollouts the teacher scores, and with what privileged context (services/teacher)."""
+"""Which rollouts the teacher scores, and with what privileged context (rlrt_core.methods,
+rlrt_core.teacher_scoring; the teacher service calls these)."""
 
-from rlrt_core.proto import trajectory_pb2 as pb
-from services.teacher.main import choose_context, rollouts_to_score
+import pytest
+
+from rlrt_core.methods import get_method, rollouts_to_score
+from rlrt_core.teacher_scoring import choose_context
 
 
-def test_rollouts_to_score_follows_each_methods_gate():
-    mixed = [1.0, 0.0, 1.0, 0.0]
-    assert rollouts_to_score("grpo", mixed) == []
-    assert rollouts_to_score("rlrt", mixed) == [0, 2]           # eq. 7: correct rollouts only
-    assert rollouts_to_score("rlsd", mixed) == [0, 1, 2, 3]     # all rollouts
-    assert rollouts_to_score("rlrt_all", mixed) == [0, 1, 2, 3]
-    for method in ("rlrt", "rlsd", "rlrt_all"):                 # uniform rewards: A = 0, nothing to weight
-        assert rollouts_to_score(method, [1.0] * 4) == []
-        assert rollouts_to_score(method, [0.0] * 4) == []
+@pytest.mark.parametrize("name,mixed,all_right,all_wrong", [
+    ("grpo", [], [], []),
+    ("grpo_eb", [], [], []),
+    ("rlsd", [0, 1, 2, 3], [], []),
+    ("rlrt", [0, 2], [], []),
+    ("rlrt_all", [0, 1, 2, 3], [], []),
+    ("sdpo", [0, 1, 2, 3], [0, 1, 2, 3], []),     # groups with a success, all rollouts, even all-correct ones
+    ("srpo", [1, 3], [], []),                     # only failed rollouts of groups with a success
+])
+def test_rollouts_to_score_every_builtin(name, mixed, all_right, all_wrong):
+    spec = get_method(name)
+    assert rollouts_to_score(spec, [1.0, 0.0, 1.0, 0.0]) == mixed
+    assert rollouts_to_score(spec, [1.0] * 4) == all_right
+    assert rollouts_to_score(spec, [0.0] * 4) == all_wrong
+    assert rollouts_to_score(spec, []) == []
 
 
 def test_context_prefers_solution_then_a_successful_peer_never_itself():
     texts = ["7", "8", "The answer is 7", ""]
     rewards = [1.0, 0.0, 1.0, 0.0]
-    assert choose_context("solution_or_peer", "3 + 4 = 7", texts, rewards, 0) == ("3 + 4 = 7", pb.CONTEXT_KIND_SOLUTION, -1)
-    assert choose_context("solution_or_peer", None, texts, rewards, 0) == ("The answer is 7", pb.CONTEXT_KIND_PEER, 2)
-    assert choose_context("peer", "ignored", texts, rewards, 2) == ("7", pb.CONTEXT_KIND_PEER, 0)
-    assert choose_context("peer", None, texts, rewards, 1) == ("7", pb.CONTEXT_KIND_PEER, 0)
-    # the only correct rollout has no other successful peer: no context (weight 1, counted)
-    assert choose_context("peer", None, ["7", "8"], [1.0, 0.0], 0) == (None, pb.CONTEXT_KIND_NONE, -1)
-    assert choose_context("solution", None, texts, rewards, 0) == (None, pb.CONTEXT_KIND_NONE, -1)
+    assert choose_context("solution_or_peer", "3 + 4 = 7", texts, rewards, 0) == ("3 + 4 = 7", "solution", -1)
+    assert choose_context("solution_or_peer", None, texts, rewards, 0) == ("The answer is 7", "peer", 2)
+    assert choose_context("peer", "ignored", texts, rewards, 2) == ("7", "peer", 0)
+    assert choose_context("peer", None, ["7", "8"], [1.0, 0.0], 0) == (None, "none", -1)
+    assert choose_context("solution", None, texts, rewards, 0) == (None, "none", -1)
+    with pytest.raises(ValueError, match="unknown teacher context"):
+        choose_context("oracle", None, texts, rewards, 0)

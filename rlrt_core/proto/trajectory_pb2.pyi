@@ -81,7 +81,7 @@ class VerifierResult(_message.Message):
     def __init__(self, reward: _Optional[float] = ..., extracted: _Optional[str] = ..., reason: _Optional[str] = ..., timed_out: _Optional[bool] = ...) -> None: ...
 
 class TeacherScore(_message.Message):
-    __slots__ = ("student_logprobs", "teacher_logprobs", "teacher_version", "context_kind", "peer_index", "student_topk_ids", "student_topk_logprobs", "teacher_topk_ids", "teacher_topk_logprobs", "position_kl", "position_kl_mean", "position_kl_max")
+    __slots__ = ("student_logprobs", "teacher_logprobs", "teacher_version", "context_kind", "peer_index", "student_topk_ids", "student_topk_logprobs", "teacher_topk_ids", "teacher_topk_logprobs", "position_kl", "position_kl_mean", "position_kl_max", "support_ids", "teacher_support_logprobs", "teacher_entropy")
     STUDENT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TEACHER_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TEACHER_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +94,9 @@ class TeacherScore(_message.Message):
     POSITION_KL_FIELD_NUMBER: _ClassVar[int]
     POSITION_KL_MEAN_FIELD_NUMBER: _ClassVar[int]
     POSITION_KL_MAX_FIELD_NUMBER: _ClassVar[int]
+    SUPPORT_IDS_FIELD_NUMBER: _ClassVar[int]
+    TEACHER_SUPPORT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    TEACHER_ENTROPY_FIELD_NUMBER: _ClassVar[int]
     student_logprobs: _containers.RepeatedScalarFieldContainer[float]
     teacher_logprobs: _containers.RepeatedScalarFieldContainer[float]
     teacher_version: int
@@ -106,7 +109,10 @@ class TeacherScore(_message.Message):
     position_kl: _containers.RepeatedScalarFieldContainer[float]
     position_kl_mean: float
     position_kl_max: float
-    def __init__(self, student_logprobs: _Optional[_Iterable[float]] = ..., teacher_logprobs: _Optional[_Iterable[float]] = ..., teacher_version: _Optional[int] = ..., context_kind: _Optional[_Union[ContextKind, str]] = ..., peer_index: _Optional[int] = ..., student_topk_ids: _Optional[_Union[Tensor, _Mapping]] = ..., student_topk_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., teacher_topk_ids: _Optional[_Union[Tensor, _Mapping]] = ..., teacher_topk_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., position_kl: _Optional[_Iterable[float]] = ..., position_kl_mean: _Optional[float] = ..., position_kl_max: _Optional[float] = ...) -> None: ...
+    support_ids: Tensor
+    teacher_support_logprobs: Tensor
+    teacher_entropy: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, student_logprobs: _Optional[_Iterable[float]] = ..., teacher_logprobs: _Optional[_Iterable[float]] = ..., teacher_version: _Optional[int] = ..., context_kind: _Optional[_Union[ContextKind, str]] = ..., peer_index: _Optional[int] = ..., student_topk_ids: _Optional[_Union[Tensor, _Mapping]] = ..., student_topk_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., teacher_topk_ids: _Optional[_Union[Tensor, _Mapping]] = ..., teacher_topk_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., position_kl: _Optional[_Iterable[float]] = ..., position_kl_mean: _Optional[float] = ..., position_kl_max: _Optional[float] = ..., support_ids: _Optional[_Union[Tensor, _Mapping]] = ..., teacher_support_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., teacher_entropy: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Timestamps(_message.Message):
     __slots__ = ("dispatched_at", "generated_at", "verified_at", "scored_at", "generation_s")

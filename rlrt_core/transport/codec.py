@@ -182,6 +182,36 @@ def validate(msg: Message, limits: Limits | None = None) -> None:
                 raise MalformedMessage(f"RolloutGroup {g} teacher score {i}: {len(s.position_kl)} D̄_t values "
                                        f"for {t} tokens")
             _finite(s.position_kl, f"RolloutGroup {g} teacher score {i} D̄_t", lower=-_LOGPROB_TOL)
+            _validate_support(msg.group_id, i, s, t, lim)
+
+
+def _validate_support(group_id: str, i: int, s: pb.TeacherScore, t: int, lim: Limits) -> None:
+    """Distillation rows of one score: both or neither, [t, k] each, integer ids inside the
+    vocabulary (when `lim` knows it) and finite log-probs <= 0; teacher_entropy empty or t
+    finite values >= 0."""
+    where = f"RolloutGroup {group_id!r} teacher score {i}"
+    if len(s.teacher_entropy) not in (0, t):
+        raise MalformedMessage(f"{where}: {len(s.teacher_entropy)} teacher entropies for {t} tokens")
+    _finite(s.teacher_entropy, f"{where} teacher entropy", lower=-_LOGPROB_TOL)
+    has_ids, has_lp = s.HasField("support_ids"), s.HasField("teacher_support_logprobs")
+    if not (has_ids or has_lp):
+        return
+    if has_ids != has_lp:
+        raise MalformedMessage(f"{where}: support_ids and teacher_support_logprobs must come together")
+    ids, lp = s.support_ids, s.teacher_support_logprobs
+    for name, msg in (("support_ids", ids), ("teacher_support_logprobs", lp)):
+        if len(msg.shape) != 2 or msg.shape[0] != t or msg.shape[1] < 1:
+            raise MalformedMessage(f"{where}: {name} has shape {list(msg.shape)}, expected [{t}, k >= 1]")
+    if list(ids.shape) != list(lp.shape):
+        raise MalformedMessage(f"{where}: support_ids {list(ids.shape)} and teacher_support_logprobs "
+                               f"{list(lp.shape)} differ in shape")
+    if ids.dtype not in ("I64", "I32", "I16"):
+        raise MalformedMessage(f"{where}: support_ids dtype {ids.dtype!r} is not an integer type")
+    if lp.dtype not in ("F32", "F16", "BF16", "F64"):
+        raise MalformedMessage(f"{where}: teacher_support_logprobs dtype {lp.dtype!r} is not a float type")
+    ids_t, lp_t = tensor_from_proto(ids), tensor_from_proto(lp)
+    _token_ids(ids_t.flatten().tolist(), f"{where} support_ids", lim.vocab_size)
+    _finite(lp_t.float().numpy(), f"{where} teacher_support_logprobs", upper=_LOGPROB_TOL)
 
 
 # ---------------------------------------------------------------------------------------
@@ -372,6 +402,52 @@ def set_teacher_scores(group: pb.RolloutGroup, student_logprobs: torch.Tensor, t
             if topk is not None:
                 getattr(s, ids_field).CopyFrom(tensor_to_proto(topk[0][i, :n]))
                 getattr(s, lp_field).CopyFrom(tensor_to_proto(topk[1][i, :n]))
+    group.timestamps.scored_at = time.time()
+
+
+def set_rollout_scores(group: pb.RolloutGroup, scores: Sequence[Any], *, teacher_version: int) -> None:
+    """Fill one `TeacherScore` per completion (in place) from `rlrt_core.teacher_scoring.score_group`'s
+    output: None = not scored by the method (context UNSPECIFIED, empty), a `RolloutScore` (read
+    by attribute) otherwise; its tensors may be None (context "none": no privileged context)."""
+    k = len(group.completions)
+    if len(scores) != k:
+        raise ValueError(f"group {group.group_id!r}: {len(scores)} scores for {k} completions")
+    del group.teacher_scores[:]
+    for i, sc in enumerate(scores):
+        if sc is None:
+            group.teacher_scores.add(teacher_version=teacher_version, context_kind=pb.CONTEXT_KIND_UNSPECIFIED,
+                                     peer_index=-1)
+            continue
+        kind = _get(sc, "context_kind")
+        if kind not in CONTEXT_KINDS:
+            raise ValueError(f"unknown context kind {kind!r}; expected one of {sorted(CONTEXT_KINDS)}")
+        out = group.teacher_scores.add(teacher_version=teacher_version, context_kind=CONTEXT_KINDS[kind],
+                                       peer_index=int(_get(sc, "peer_index", -1)))
+        n = len(group.completions[i].token_ids)
+        student, teacher = _get(sc, "student_logprobs"), _get(sc, "teacher_logprobs")
+        if student is None:
+            continue
+        for name, t in (("student_logprobs", student), ("teacher_logprobs", teacher)):
+            if t is None or len(t) != n:
+                raise ValueError(f"group {group.group_id!r} completion {i}: {name} has "
+                                 f"{None if t is None else len(t)} values for {n} tokens")
+        out.student_logprobs.extend(_as_list(student))
+        out.teacher_logprobs.extend(_as_list(teacher))
+        kl = _get(sc, "position_kl")
+        if kl is not None:
+            row = torch.as_tensor(kl).detach().float().cpu()
+            out.position_kl.extend(row.tolist())
+            if n:
+                out.position_kl_mean = float(row.mean())
+                out.position_kl_max = float(row.max())
+        ids, lp = _get(sc, "support_ids"), _get(sc, "teacher_support_logprobs")
+        if ids is not None and lp is not None:
+            out.support_ids.CopyFrom(tensor_to_proto(ids.to(torch.int64)))
+            out.teacher_support_logprobs.CopyFrom(tensor_to_proto(lp.float()))
+        ent = _get(sc, "teacher_entropy")
+        if ent is not None:
+            out.teacher_entropy.extend(_as_list(ent))
+    validate(group)
     group.timestamps.scored_at = time.time()
 
 
