@@ -41,7 +41,7 @@ import torch
 from rlrt_core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rlrt_core.config import RunConfig, check_in_flight_bound
 from rlrt_core.failpoints import failpoint
-from rlrt_core.learner import PolicyLearner, TrainGroup, TrainSample
+from rlrt_core.learner import PolicyLearner, TrainGroup, train_group
 from rlrt_core.ledger import GroupLedger
 from rlrt_core.metrics import RateWindow
 from rlrt_core.proto import trajectory_pb2 as pb
@@ -78,21 +78,6 @@ class ProblemCursor:
 
     def state(self) -> dict[str, int]:
         return {"epoch": self.epoch, "index": self.index}
-
-
-def to_train_group(g: pb.RolloutGroup) -> TrainGroup:
-    """A validated protobuf group (after verifier and teacher) -> the learner's dataclasses."""
-    if len(g.verifier_results) != len(g.completions):
-        raise ValueError(f"group {g.group_id}: {len(g.completions)} completions, {len(g.verifier_results)} rewards")
-    samples = []
-    for i, c in enumerate(g.completions):
-        sc = g.teacher_scores[i] if i < len(g.teacher_scores) else None
-        has = sc is not None and len(sc.teacher_logprobs) == len(c.token_ids) and len(c.token_ids) > 0
-        samples.append(TrainSample(prompt_ids=list(g.prompt_ids), response_ids=list(c.token_ids),
-                                   behavior_logprobs=list(c.logprobs), reward=float(g.verifier_results[i].reward),
-                                   student_logprobs=list(sc.student_logprobs) if has else None,
-                                   teacher_logprobs=list(sc.teacher_logprobs) if has else None))
-    return TrainGroup(group_id=g.group_id, version=int(g.version), samples=samples)
 
 
 def export_step(m: Any, row: dict[str, Any], lags: list[int], rate: RateWindow) -> None:
@@ -414,7 +399,7 @@ class LearnerLoop:
                 self.totals["duplicates"] += 1
                 continue
             try:
-                tg = to_train_group(g)
+                tg = train_group(g)
             except ValueError as err:
                 self.bus.dead_letter(e, f"learner: {err}", kind="bad_rollout_group")
                 self.ledger.dead(g.group_id)

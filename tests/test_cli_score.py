@@ -49,7 +49,7 @@ def test_score_mixed_file(tmp_path):
     assert rows[6]["reason"] == "line 8: expected a JSON object, got list"
     assert rows[7]["outcome"] == "wrong" and "reason" not in rows[7]
     summary = " ".join(p.stderr.split())
-    for name, val in [("lines", 8), ("scored", 5), ("correct", 2), ("wrong", 1), ("unparseable", 1), ("timeout", 1),
+    for name, val in [("lines", 8), ("checked lines", 5), ("correct", 2), ("wrong", 1), ("unparseable", 1), ("timeout", 1),
                       ("bad lines", 3)]:
         assert f"{name} │ {val} │" in summary, summary
     assert not (out.parent / "scored.jsonl.partial").exists()

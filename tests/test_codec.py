@@ -45,30 +45,38 @@ def _pipeline_group() -> pb.RolloutGroup:
     g = codec.rollout_group(task, gen, engine="torch", worker_id="w0", generation_s=1.5)
     codec.set_verifier_results(g, [VerifyResult(1.0, "5", None, False), VerifyResult(0.0, "6", "wrong", False),
                                    VerifyResult(0.0, None, "timeout", True)])
-    student = torch.tensor([[-0.1, -0.2, -0.3], [-1.5, 0.0, 0.0], [-0.5, -0.25, 0.0]])
-    teacher = student - 0.5
-    kl = torch.rand(3, 3)
-    topk_ids = torch.randint(0, 100, (3, 3, 2))
-    codec.set_teacher_scores(g, student, teacher, teacher_version=5, context_kinds=["solution", "peer", "none"],
-                             peer_indices=[-1, 0, -1], position_kl=kl, teacher_topk=(topk_ids, torch.randn(3, 3, 2)))
+    from rlrt_core.teacher_scoring import RolloutScore
+
+    s0 = torch.tensor([-0.1, -0.2, -0.3])
+    s1 = torch.tensor([-1.5])
+    codec.set_rollout_scores(g, [
+        RolloutScore("solution", -1, s0, s0 - 0.5, position_kl=torch.rand(3), support_ids=torch.randint(0, 100, (3, 2)),
+                     teacher_support_logprobs=-torch.rand(3, 2)),
+        RolloutScore("peer", 0, s1, s1 - 0.5),
+        None,  # not scored by the method
+    ], teacher_version=5)
     return g
 
 
-def test_stage_helpers_and_group_tensors() -> None:
+def test_stage_helpers_and_train_group() -> None:
+    from rlrt_core.learner import train_group
+
     g = codec.decode(codec.encode(_pipeline_group()), pb.RolloutGroup)
     assert g.problem.answer == "5" and not g.problem.HasField("solution")
     assert g.version == 5 and g.min_version == 4 and g.timestamps.dispatched_at == 10.0
     assert g.verifier_results[2].timed_out and not g.verifier_results[0].HasField("reason")
     assert g.teacher_scores[1].context_kind == pb.CONTEXT_KIND_PEER and g.teacher_scores[1].peer_index == 0
     assert list(g.teacher_scores[1].teacher_logprobs) == [pytest.approx(-2.0)]
-    assert codec.tensor_from_proto(g.teacher_scores[0].teacher_topk_ids).shape == (3, 2)
-    t = codec.group_tensors(g)
-    assert t.response_ids.tolist() == [[7, 8, 9], [7, 0, 0], [7, 8, 0]]
-    assert t.mask.sum(1).tolist() == [3, 1, 2]
-    assert t.rewards.tolist() == [1.0, 0.0, 0.0]
-    assert torch.allclose(t.teacher_logprobs, (t.student_logprobs - 0.5) * t.mask)
-    assert torch.allclose(t.behavior_logprobs[0], torch.tensor([-0.1, -0.2, -0.3]))
-    assert t.context_kinds == ["solution", "peer", "none"]
+    assert g.teacher_scores[2].context_kind == pb.CONTEXT_KIND_UNSPECIFIED and not g.teacher_scores[2].student_logprobs
+    assert codec.tensor_from_proto(g.teacher_scores[0].support_ids).shape == (3, 2)
+    assert len(g.teacher_scores[0].position_kl) == 3
+    t = train_group(g)
+    assert [s.response_ids for s in t.samples] == [[7, 8, 9], [7], [7, 8]]
+    assert [s.reward for s in t.samples] == [1.0, 0.0, 0.0]
+    assert t.samples[0].teacher_logprobs == pytest.approx([-0.6, -0.7, -0.8])
+    assert t.samples[0].support_ids.shape == (3, 2) and t.samples[1].support_ids is None
+    assert t.samples[2].student_logprobs is None  # weight 1
+    assert t.samples[0].behavior_logprobs == pytest.approx([-0.1, -0.2, -0.3])
 
 
 def test_rollout_group_refuses_stale_engine() -> None:

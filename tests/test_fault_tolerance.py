@@ -163,7 +163,7 @@ def test_a_failing_group_is_dead_lettered_alone_and_its_batch_mates_flow():
         bus.ensure_groups()
         for gid in ("ok-1", "bad", "ok-2"):
             bus.publish("rollouts", _group(gid, run=cfg.run_name))
-        counters = {"groups": 0, "dead": 0}
+        counters = {"groups": 0, "dead_lettered": 0}
 
         def handle(g):
             if g.group_id == "bad":
@@ -172,7 +172,7 @@ def test_a_failing_group_is_dead_lettered_alone_and_its_batch_mates_flow():
             g.verifier_results.add(reward=0.0)
 
         assert relay_groups(rt, count=8, handle=handle, counters=counters)
-        assert counters == {"groups": 2, "dead": 1}
+        assert counters == {"groups": 2, "dead_lettered": 1}
         [d] = bus.dead_letters()
         assert d.gid == "bad" and "cannot check this one" in d.reason and d.kind == "processing_failed"
         out = bus.consume_messages("verified", "teacher", "t", pb.RolloutGroup, count=8, block_ms=0)

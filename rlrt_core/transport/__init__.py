@@ -1,14 +1,12 @@
 """Trajectory transport: protobuf codec, Redis Streams bus, embedded Redis."""
 
 from rlrt_core.transport.codec import (
-    GroupTensors,
     MalformedMessage,
     decode,
     encode,
-    group_tensors,
     prompt_task,
     rollout_group,
-    set_teacher_scores,
+    set_rollout_scores,
     set_verifier_results,
     tensor_from_proto,
     tensor_to_proto,
@@ -27,8 +25,8 @@ from rlrt_core.transport.streams import (
 )
 
 __all__ = [
-    "AckStatus", "BackpressureError", "DeadLetter", "EmbeddedRedis", "Entry", "GroupTensors", "MalformedMessage",
+    "AckStatus", "BackpressureError", "DeadLetter", "EmbeddedRedis", "Entry", "MalformedMessage",
     "STAGE_GROUPS", "STREAM_NAMES", "StreamBus", "StreamStats", "decode", "default_consumer_name", "encode",
-    "group_tensors", "prompt_task", "redis_url_for", "rollout_group", "set_teacher_scores", "set_verifier_results",
+    "prompt_task", "redis_url_for", "rollout_group", "set_rollout_scores", "set_verifier_results",
     "tensor_from_proto", "tensor_to_proto",
 ]

@@ -1,8 +1,9 @@
 """Protobuf <-> Python conversions for the trajectory messages (rlrt.v1).
 
 Stage helpers build and enrich a `RolloutGroup` as it travels prompts -> rollouts ->
-verified -> scored; `group_tensors` turns a finished group into padded tensors for the
-learner. Arrays travel as packed numeric fields (token ids, log-probs) or as `Tensor`
+verified -> scored (`prompt_task`, `rollout_group`, `set_verifier_results`,
+`set_rollout_scores`); `rlrt_core.learner.train_group` reads a finished one. `validate`
+checks every field once where an entry enters a stage. Arrays travel as packed numeric fields (token ids, log-probs) or as `Tensor`
 messages (raw little-endian bytes + dtype + shape); never Python object serialisation.
 
 The dataclasses of other modules (rlrt_core.engines.Completion / GenerationResult,
@@ -42,7 +43,6 @@ TORCH_TO_DTYPE: dict[torch.dtype, str] = {v: k for k, v in DTYPE_TO_TORCH.items(
 CONTEXT_KINDS: dict[str, int] = {
     "none": pb.CONTEXT_KIND_NONE, "solution": pb.CONTEXT_KIND_SOLUTION, "peer": pb.CONTEXT_KIND_PEER,
 }
-CONTEXT_KIND_NAMES: dict[int, str] = {v: k for k, v in CONTEXT_KINDS.items()}
 
 
 class MalformedMessage(ValueError):
@@ -358,53 +358,6 @@ def set_verifier_results(group: pb.RolloutGroup, results: Sequence[Any]) -> None
     group.timestamps.verified_at = time.time()
 
 
-def _row(t: torch.Tensor | None, i: int, n: int) -> list:
-    return [] if t is None else t[i, :n].detach().cpu().tolist()
-
-
-def set_teacher_scores(group: pb.RolloutGroup, student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, *,
-                       teacher_version: int, context_kinds: Sequence[str], peer_indices: Sequence[int] | None = None,
-                       position_kl: torch.Tensor | None = None,
-                       student_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
-                       teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-    """Fill one `TeacherScore` per completion (in place).
-
-    student_logprobs, teacher_logprobs: [K, T] right-padded (as `ScoreResult.logprobs`);
-    row i is cut to completion i's length. position_kl: [K, T] D̄_t or None.
-    student_topk / teacher_topk: (ids [K, T, k], log-probs [K, T, k]) or None.
-    context_kinds: "none" | "solution" | "peer" per completion.
-    """
-    k = len(group.completions)
-    if student_logprobs.shape[0] != k or teacher_logprobs.shape[0] != k or len(context_kinds) != k:
-        raise ValueError(f"group {group.group_id!r}: scores for {student_logprobs.shape[0]}/{teacher_logprobs.shape[0]} "
-                         f"rows and {len(context_kinds)} context kinds, but {k} completions")
-    del group.teacher_scores[:]
-    for i, c in enumerate(group.completions):
-        n = len(c.token_ids)
-        if student_logprobs.shape[1] < n or teacher_logprobs.shape[1] < n:
-            raise ValueError(f"group {group.group_id!r} completion {i}: {n} tokens but scores have "
-                             f"{student_logprobs.shape[1]}/{teacher_logprobs.shape[1]} columns")
-        kind = context_kinds[i]
-        if kind not in CONTEXT_KINDS:
-            raise ValueError(f"unknown context kind {kind!r}; expected one of {sorted(CONTEXT_KINDS)}")
-        s = group.teacher_scores.add(teacher_version=teacher_version, context_kind=CONTEXT_KINDS[kind],
-                                     peer_index=-1 if peer_indices is None else int(peer_indices[i]))
-        s.student_logprobs.extend(_row(student_logprobs, i, n))
-        s.teacher_logprobs.extend(_row(teacher_logprobs, i, n))
-        if position_kl is not None:
-            row = position_kl[i, :n].detach().float().cpu()
-            s.position_kl.extend(row.tolist())
-            if n:
-                s.position_kl_mean = float(row.mean())
-                s.position_kl_max = float(row.max())
-        for topk, ids_field, lp_field in ((student_topk, "student_topk_ids", "student_topk_logprobs"),
-                                          (teacher_topk, "teacher_topk_ids", "teacher_topk_logprobs")):
-            if topk is not None:
-                getattr(s, ids_field).CopyFrom(tensor_to_proto(topk[0][i, :n]))
-                getattr(s, lp_field).CopyFrom(tensor_to_proto(topk[1][i, :n]))
-    group.timestamps.scored_at = time.time()
-
-
 def set_rollout_scores(group: pb.RolloutGroup, scores: Sequence[Any], *, teacher_version: int) -> None:
     """Fill one `TeacherScore` per completion (in place) from `rlrt_core.teacher_scoring.score_group`'s
     output: None = not scored by the method (context UNSPECIFIED, empty), a `RolloutScore` (read
@@ -449,55 +402,3 @@ def set_rollout_scores(group: pb.RolloutGroup, scores: Sequence[Any], *, teacher
             out.teacher_entropy.extend(_as_list(ent))
     validate(group)
     group.timestamps.scored_at = time.time()
-
-
-# ---------------------------------------------------------------------------------------
-# Learner view
-
-
-@dataclass
-class GroupTensors:
-    """One group as padded tensors (K completions, T = longest completion; padding is 0
-    and masked out)."""
-
-    group_id: str
-    version: int
-    prompt_ids: torch.Tensor                   # LongTensor [P]
-    response_ids: torch.Tensor                 # LongTensor [K, T]
-    mask: torch.Tensor                         # BoolTensor [K, T]
-    behavior_logprobs: torch.Tensor            # FloatTensor [K, T]
-    rewards: torch.Tensor | None               # FloatTensor [K]; None before the verifier
-    student_logprobs: torch.Tensor | None      # FloatTensor [K, T]; None before the teacher
-    teacher_logprobs: torch.Tensor | None      # FloatTensor [K, T]
-    context_kinds: list[str]                   # per completion; [] before the teacher
-
-
-def group_tensors(group: pb.RolloutGroup) -> GroupTensors:
-    """Padded tensors of a (verified and possibly scored) group for the learner."""
-    k = len(group.completions)
-    lengths = [len(c.token_ids) for c in group.completions]
-    t = max(lengths, default=0)
-    ids = torch.zeros(k, t, dtype=torch.long)
-    mask = torch.zeros(k, t, dtype=torch.bool)
-    behaviour = torch.zeros(k, t)
-    scored = len(group.teacher_scores) == k and k > 0
-    student = torch.zeros(k, t) if scored else None
-    teacher = torch.zeros(k, t) if scored else None
-    for i, (c, n) in enumerate(zip(group.completions, lengths)):
-        if n == 0:
-            continue
-        ids[i, :n] = torch.tensor(list(c.token_ids), dtype=torch.long)
-        mask[i, :n] = True
-        if len(c.logprobs):
-            behaviour[i, :n] = torch.tensor(list(c.logprobs))
-        if scored:
-            student[i, :n] = torch.tensor(list(group.teacher_scores[i].student_logprobs))
-            teacher[i, :n] = torch.tensor(list(group.teacher_scores[i].teacher_logprobs))
-    rewards = None
-    if len(group.verifier_results) == k and k > 0:
-        rewards = torch.tensor([v.reward for v in group.verifier_results])
-    kinds = [CONTEXT_KIND_NAMES.get(s.context_kind, "none") for s in group.teacher_scores] if scored else []
-    return GroupTensors(group_id=group.group_id, version=group.version,
-                        prompt_ids=torch.tensor(list(group.prompt_ids), dtype=torch.long), response_ids=ids,
-                        mask=mask, behavior_logprobs=behaviour, rewards=rewards, student_logprobs=student,
-                        teacher_logprobs=teacher, context_kinds=kinds)

@@ -26,3 +26,30 @@ def config_cmd(
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2)
     typer.echo(dump_config(cfg), nl=False)
+
+
+@app.command("methods")
+def methods_cmd(
+    plugin: list[str] = typer.Option([], "--plugin", help="module that registers methods (repeatable)"),
+) -> None:
+    """List the registered training methods (built-ins and plugins) and what each needs."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from rlrt_core.config import import_plugins
+    from rlrt_core.methods import get_method, method_names
+
+    try:
+        import_plugins(plugin)
+    except ValueError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2)
+    t = Table(title="registered methods")
+    for col in ("method", "loss", "teacher scores", "groups", "context", "top-k rows", "std norm", "entropy"):
+        t.add_column(col)
+    for name in method_names():
+        s = get_method(name)
+        t.add_row(name, s.loss, s.teacher_scores, s.score_groups if s.needs_teacher else "-",
+                  s.context if s.needs_teacher else "-", "yes" if s.needs_topk else "no",
+                  "on" if s.norm_by_std else "off", f"{s.entropy_coef:g}")
+    Console().print(t)

@@ -88,14 +88,19 @@ def _redact(url: str | None) -> str:
 def demo(
     tiny: bool = typer.Option(False, "--tiny", help="tiny random model: the whole pipeline in about a minute"),
     rollout_workers: int = typer.Option(1, "--rollout-workers", min=1, help="rollout worker processes"),
-    method: Optional[str] = typer.Option(None, "--method", help="grpo | rlsd | rlrt | rlrt_all (default rlrt)"),
+    method: Optional[str] = typer.Option(None, "--method", help="a registered method (see `rlrt methods`); "
+                                         "default: the recipe's"),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="learner steps (default from the recipe)"),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="where logs, metrics, checkpoints go"),
+    plugin: list[str] = typer.Option([], "--plugin", help="module registering methods (algorithm.plugins; "
+                                     "must be importable, e.g. on PYTHONPATH)"),
 ) -> None:
     """The main job: a short RLRT run on the embedded defaults (SmolLM2-135M-Instruct,
     single-digit arithmetic, embedded Redis unless REDIS_URL is set), all four services as
     local processes, with a live view; writes a summary and curves.png to the run dir."""
     overrides: dict = {}
+    if plugin:
+        overrides.setdefault("algorithm", {})["plugins"] = list(plugin)
     if method:
         overrides.setdefault("algorithm", {})["method"] = method
     if steps:

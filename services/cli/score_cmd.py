@@ -123,7 +123,7 @@ def score_cmd(
     table.add_column("metric")
     table.add_column("value", justify="right")
     acc = counts["correct"] / scored if scored else 0.0
-    rows = [("lines", scored + bad), ("scored", scored), *((o, counts[o]) for o in OUTCOMES), ("bad lines", bad),
+    rows = [("lines", scored + bad), ("checked lines", scored), *((o, counts[o]) for o in OUTCOMES), ("bad lines", bad),
             ("accuracy (scored)", f"{acc:.4f}"), ("lines/s", f"{(scored + bad) / dt:.1f}" if dt > 0 else "-")]
     for name, val in rows:
         table.add_row(name, str(val))

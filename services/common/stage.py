@@ -37,7 +37,7 @@ def relay_groups(rt, *, count: int, handle: Callable[[pb.RolloutGroup], None], c
             log.warning("dead-lettering %s: %s", g.group_id, err, exc_info=True)
             rt.bus.dead_letter(entry, f"{rt.service}: cannot process group {g.group_id!r}: "
                                       f"{type(err).__name__}: {err}", kind="processing_failed")
-            counters["dead"] += 1
+            counters["dead_lettered"] += 1
             continue
         done.append(entry)
         outputs.append(g)

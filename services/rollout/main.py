@@ -32,7 +32,7 @@ def run(cfg: RunConfig, worker: str) -> int:
     rt.install_signal_handlers()
     m = rt.metrics
     st = rt.stage
-    counters = {"groups": 0, "completions": 0, "tokens": 0, "dead": 0, "deferred": 0}
+    counters = {"groups": 0, "completions": 0, "tokens": 0, "dead_lettered": 0, "deferred": 0}
     busy = {"s": 0.0, "since": time.time()}
     engine = None
     # entry id -> (entry, task, prompt ids, first seen): tasks waiting for their min_version
@@ -64,7 +64,7 @@ def run(cfg: RunConfig, worker: str) -> int:
 
     def dead(e, reason: str, kind: str) -> None:
         rt.bus.dead_letter(e, f"rollout: {reason}", kind=kind)
-        counters["dead"] += 1
+        counters["dead_lettered"] += 1
 
     def take_new() -> list[tuple]:
         pairs = rt.bus.consume_messages(st.input, st.group, worker, st.message, count=sp_cfg.groups_per_batch,

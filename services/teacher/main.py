@@ -1,15 +1,10 @@
 """Teacher scorer: `verified` -> student and teacher views of the sampled tokens -> `scored`.
 
 Student view  P_S = π_θ(· | x, y<t);  teacher view  P_T = π_θ(· | x, c, y<t)   (paper eq. 1),
-both on the same weights. Only rollouts whose weight the method can change are scored:
-
-    GRPO                 none (pass through)
-    RLRT                 correct rollouts (r = 1) of groups with mixed rewards   (eq. 7 gate)
-    RLSD, RLRT-all       every rollout of groups with mixed rewards
-
-(a group with identical rewards has A = 0, so its token advantages are 0 whatever w_t is).
-Privileged context c: the reference solution when present, else a successful peer rollout
-of the same group (never the rollout itself), else none (weight 1, counted).
+both on the same weights. What to score, with which privileged context and which extra rows
+(top-k support, entropy) is the method's spec (`rlrt_core.methods`); the work on one group is
+`rlrt_core.teacher_scoring.score_group`, packed by `codec.set_rollout_scores`. This module only
+wires that to the stream, the weights and the metrics.
 """
 
 from __future__ import annotations
@@ -19,40 +14,16 @@ import time
 
 import torch
 
-from rlrt_core import algorithms
 from rlrt_core.config import RunConfig
 from rlrt_core.engines import TorchEngine
-from rlrt_core.prompts import teacher_prompt_ids
-from rlrt_core.proto import trajectory_pb2 as pb
-from rlrt_core.scoring import score_views
-from rlrt_core.transport.codec import Limits
+from rlrt_core.methods import rollouts_to_score
+from rlrt_core.teacher_scoring import score_group
+from rlrt_core.transport.codec import Limits, set_rollout_scores
 from services.common.runtime import ServiceRuntime
 from services.common.stage import relay_groups
 from services.common.weight_sync import WeightSync
 
 log = logging.getLogger("rlrt.teacher")
-
-
-def rollouts_to_score(method: str, rewards: list[float]) -> list[int]:
-    """Indices of the completions of one group that need teacher scores for `method`."""
-    if method == "grpo" or len(set(rewards)) < 2:
-        return []
-    if method == "rlrt":
-        return [i for i, r in enumerate(rewards) if r > 0.5]
-    return list(range(len(rewards)))
-
-
-def choose_context(mode: str, solution: str | None, texts: list[str], rewards: list[float],
-                   i: int) -> tuple[str | None, int, int]:
-    """Privileged context for completion `i`: (text, ContextKind, peer index or -1)."""
-    if mode in ("solution", "solution_or_peer") and solution:
-        return solution, pb.CONTEXT_KIND_SOLUTION, -1
-    if mode in ("peer", "solution_or_peer"):
-        # The first successful peer other than the rollout itself; deterministic.
-        for j, r in enumerate(rewards):
-            if j != i and r > 0.5 and texts[j].strip():
-                return texts[j], pb.CONTEXT_KIND_PEER, j
-    return None, pb.CONTEXT_KIND_NONE, -1
 
 
 def _export_asymmetry(m, d_hats: list[torch.Tensor], d_bars: list[torch.Tensor]) -> None:
@@ -69,20 +40,22 @@ def run(cfg: RunConfig, worker: str) -> int:
     rt = ServiceRuntime("teacher", cfg, worker)
     rt.install_signal_handlers()
     m = rt.metrics
-    method = cfg.algorithm.method
-    counters = {"groups": 0, "scored": 0, "skipped_uniform": 0, "skipped_method": 0, "no_context": 0, "dead": 0}
+    spec = cfg.algorithm.spec
+    context = cfg.algorithm.teacher_context(cfg.teacher)
+    counters = {"groups": 0, "rollouts_scored": 0, "not_selected": 0, "no_context": 0, "dead_lettered": 0}
     engine = None
 
     def status() -> dict:
         return {"version": engine.version if engine is not None else None, "processed": counters["groups"],
-                "counters": dict(counters), "method": method}
+                "counters": dict(counters), "method": spec.name, "context": context}
 
     rt.start_admin(status)
     rt.set_ready(False, "loading model")
-    # The teacher always scores with a torch model (vLLM does not return teacher-view rows).
+    # The teacher scores with a torch model (it needs both views' rows of the same tokens).
     engine = TorchEngine(cfg.model.path, dtype=cfg.model.dtype, device=cfg.teacher.device,
                          cache_dir=cfg.model.cache_dir)
     model, tok = engine.model, engine.tokenizer
+    rt.extra_heartbeat = lambda: {"version": engine.version}
 
     def on_loaded(version: int, seconds: float) -> None:
         m.teacher_weight_version.set(version)
@@ -94,70 +67,40 @@ def run(cfg: RunConfig, worker: str) -> int:
     rt.set_ready(True)
     limits = Limits(vocab_size=engine.vocab_size, max_model_len=cfg.model.max_model_len)
 
-    def score_group(g: pb.RolloutGroup) -> None:
-        rewards = [float(v.reward) for v in g.verifier_results]
-        texts = [c.text for c in g.completions]
-        todo = rollouts_to_score(method, rewards)
-        if method == "grpo":
-            counters["skipped_method"] += len(rewards)
-            m.skipped.labels(reason="method_grpo").inc(len(rewards))
-        elif not todo:
-            counters["skipped_uniform"] += len(rewards)
-            m.skipped.labels(reason="uniform_rewards").inc(len(rewards))
-        else:
-            m.skipped.labels(reason="gate").inc(len(rewards) - len(todo))
-        scores = [pb.TeacherScore(teacher_version=engine.version, context_kind=pb.CONTEXT_KIND_UNSPECIFIED,
-                                  peer_index=-1) for _ in g.completions]
-        jobs = []
-        solution = g.problem.solution if g.problem.HasField("solution") else None
-        for i in todo:
-            ctx, kind, peer = choose_context(cfg.teacher.context, solution, texts, rewards, i)
-            scores[i].context_kind = kind
-            scores[i].peer_index = peer
-            m.context.labels(kind=pb.ContextKind.Name(kind).removeprefix("CONTEXT_KIND_").lower()).inc()
-            if ctx is None:
-                counters["no_context"] += 1
-                m.skipped.labels(reason="no_context").inc()
-                continue
-            jobs.append((i, teacher_prompt_ids(tok, g.problem.prompt, ctx, template=cfg.teacher.teacher_template)))
-        bs = cfg.teacher.batch_size
-        d_hats: list[torch.Tensor] = []
-        d_bars: list[torch.Tensor] = []
-        for s in range(0, len(jobs), bs):
-            chunk = jobs[s:s + bs]
-            idx = [i for i, _ in chunk]
-            responses = [list(g.completions[i].token_ids) for i in idx]
-            student, teacher = score_views(model, [list(g.prompt_ids)] * len(idx), [p for _, p in chunk], responses,
-                                           temperature=1.0, topk=cfg.teacher.topk)
-            for row, i in enumerate(idx):
-                n = len(responses[row])
-                sc = scores[i]
-                sc.student_logprobs.extend(student.logprobs[row, :n].tolist())
-                sc.teacher_logprobs.extend(teacher.logprobs[row, :n].tolist())
-                d_hats.append(student.logprobs[row, :n] - teacher.logprobs[row, :n])
-                if cfg.teacher.topk and student.topk_ids is not None and n:
-                    d_bar = algorithms.position_asymmetry_topk(
-                        student.topk_ids[row, :n], student.topk_logprobs[row, :n],
-                        teacher.topk_ids[row, :n], teacher.topk_logprobs[row, :n])
-                    sc.position_kl.extend(d_bar.tolist())
-                    sc.position_kl_mean = float(d_bar.mean())
-                    sc.position_kl_max = float(d_bar.max())
-                    d_bars.append(d_bar)
-                counters["scored"] += 1
-                m.rollouts_scored.inc()
-                m.scored_tokens.inc(n)
-        _export_asymmetry(m, d_hats, d_bars)
-        del g.teacher_scores[:]
-        g.teacher_scores.extend(scores)
-
-    def handle(g: pb.RolloutGroup) -> None:
+    def handle(g) -> None:  # a RolloutGroup, enriched in place
         if len(g.verifier_results) != len(g.completions):
             raise ValueError(f"{len(g.completions)} completions but {len(g.verifier_results)} verifier results")
         t0 = time.perf_counter()
+        rewards = [float(v.reward) for v in g.verifier_results]
+        selected = len(rollouts_to_score(spec, rewards))
         with torch.no_grad():
-            score_group(g)
+            scores = score_group(model, tok, spec, prompt_text=g.problem.prompt, prompt_ids=list(g.prompt_ids),
+                                 solution=g.problem.solution if g.problem.HasField("solution") else None,
+                                 completions_token_ids=[list(c.token_ids) for c in g.completions],
+                                 completion_texts=[c.text for c in g.completions], rewards=rewards,
+                                 context=context, topk=cfg.teacher.topk, distill_topk=cfg.algorithm.distill_topk,
+                                 teacher_template=cfg.teacher.teacher_template, batch_size=cfg.teacher.batch_size)
+        set_rollout_scores(g, scores, teacher_version=engine.version)
+        m.skipped.labels(reason="not_selected").inc(len(rewards) - selected)
+        counters["not_selected"] += len(rewards) - selected
+        d_hats, d_bars = [], []
+        for sc in scores:
+            if sc is None:
+                continue
+            m.context.labels(kind=sc.context_kind).inc()
+            if not sc.scored:
+                counters["no_context"] += 1
+                m.skipped.labels(reason="no_context").inc()
+                continue
+            n = len(sc.student_logprobs)
+            d_hats.append(sc.student_logprobs - sc.teacher_logprobs)
+            if sc.position_kl is not None:
+                d_bars.append(sc.position_kl)
+            counters["rollouts_scored"] += 1
+            m.rollouts_scored.inc()
+            m.scored_tokens.inc(n)
+        _export_asymmetry(m, d_hats, d_bars)
         m.score_seconds.observe(time.perf_counter() - t0)
-        g.timestamps.scored_at = time.time()
 
     def step() -> bool:
         sync.sync()

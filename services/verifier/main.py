@@ -27,7 +27,7 @@ def run(cfg: RunConfig, worker: str) -> int:
     rt = ServiceRuntime("verifier", cfg, worker)
     rt.install_signal_handlers()
     m = rt.metrics
-    counters = {"groups": 0, "completions": 0, "correct": 0, "wrong": 0, "unparseable": 0, "timeout": 0, "dead": 0}
+    counters = {"groups": 0, "completions": 0, "correct": 0, "wrong": 0, "unparseable": 0, "timeout": 0, "dead_lettered": 0}
     rt.start_admin(lambda: {"processed": counters["groups"], "counters": dict(counters), "mode": cfg.verifier.mode})
     verifier = Verifier(mode=cfg.verifier.mode, timeout_s=cfg.verifier.timeout_s, workers=cfg.verifier.workers)
     rt.bus.ensure_group(rt.stage.input, rt.stage.group)
