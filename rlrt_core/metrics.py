@@ -27,9 +27,10 @@ from typing import Any, Callable, Literal, Mapping, Union, overload
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from rlrt_core.stages import SERVICES  # the stage table names the services
+
 Kind = Literal["counter", "gauge", "histogram"]
 
-SERVICES: tuple[str, ...] = ("rollout", "verifier", "teacher", "learner")
 CONST_LABELS: tuple[str, ...] = ("service", "run", "worker")
 ALL = SERVICES  # shorthand for metrics every service exports
 
