@@ -69,9 +69,11 @@ def collect_status(run_dir: str | Path) -> dict[str, Any]:
         alive = rec.get("alive", False)
         if rec.get("host") == here and not _pid_alive(rec.get("pid")):
             alive = False  # on this machine the process table beats a heartbeat a few seconds old
+        stopped = rec.get("state") == "stopped"
         services[rec["worker"]] = {"service": rec.get("service"), "worker": rec["worker"], "pid": rec.get("pid"),
-                                   "alive": alive,
-                                   "status": {"error": f"down (last seen {rec.get('last_seen_s')}s ago)"}}
+                                   "alive": alive, "stopped": stopped,
+                                   "status": {"error": ("stopped" if stopped else "down")
+                                              + f" (last seen {rec.get('last_seen_s')}s ago)"}}
     for exp in expected_workers(run_dir):
         services.setdefault(exp["worker"], {**exp, "pid": None, "alive": False, "status": {"error": "down"}})
     for ep in service_endpoints(run_dir):
@@ -114,7 +116,8 @@ def render_status(snap: dict[str, Any]) -> Group:
         st = s.get("status", {})
         queues.update(st.get("queues", {}) or {})
         detail = st.get("error") or ", ".join(f"{k}={_fmt(v)}" for k, v in (st.get("counters") or {}).items())
-        state = "[green]up[/green]" if s.get("alive", True) else "[red]DOWN[/red]"
+        state = "[green]up[/green]" if s.get("alive", True) else \
+            "stopped" if s.get("stopped") else "[red]DOWN[/red]"
         t.add_row(str(s.get("worker")), state, str(s.get("pid")), str(st.get("ready", "-")), _fmt(st.get("version")),
                   _fmt(st.get("processed")), detail[:80])
     parts: list[Any] = [t]

@@ -163,5 +163,5 @@ def status(
         console.print(f"[yellow]no services registered under {run_dir}[/yellow]")
         raise typer.Exit(1)
     console.print(render_status(snap))
-    if any(not s.get("alive", True) for s in snap["services"]):
-        raise typer.Exit(3)  # some expected service is down: scripts can tell
+    if any(not s.get("alive", True) and not s.get("stopped") for s in snap["services"]):
+        raise typer.Exit(3)  # some expected service is down (not cleanly stopped): scripts can tell
