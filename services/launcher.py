@@ -234,17 +234,15 @@ class LocalRun:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """All rows of `metrics.jsonl` (one per learner step); tolerant of a half-written last line."""
-    path = Path(run_dir) / "metrics.jsonl"
-    rows: list[dict[str, Any]] = []
-    if not path.is_file():
-        return rows
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
+    """The rows of `metrics.jsonl`, one per learner step in step order (a step written twice
+    by a learner that died before its checkpoint counts once: the last row wins); tolerant of
+    a half-written last line."""
+    from rlrt_core.learner_loop import read_metrics_rows
+
+    by_step: dict[Any, dict[str, Any]] = {}
+    for row in read_metrics_rows(Path(run_dir) / "metrics.jsonl"):
+        by_step[row.get("step")] = row
+    return [by_step[k] for k in sorted(by_step, key=lambda k: (k is None, k if isinstance(k, (int, float)) else 0))]
 
 
 def expected_workers(run_dir: str | Path) -> list[dict[str, Any]]:
