@@ -107,7 +107,8 @@ class VerifierConfig(_Section):
 
 
 class TeacherConfig(_Section):
-    # None = the method's default (RLSD/RLRT: solution_or_peer; SDPO/SRPO: peer).
+    # None = the method's default (RLSD/RLRT: solution_or_peer; SDPO/SRPO: peer), filled in when
+    # the RunConfig is validated.
     context: Literal["solution", "peer", "solution_or_peer"] | None = None
     teacher_template: str | None = None  # None = rlrt_core.prompts default
     topk: int = Field(0, ge=0, le=1000, description="top-k rows kept for D̄_t (0 = exact from full rows)")
@@ -294,6 +295,13 @@ class RunConfig(_Section):
     transport: TransportConfig = Field(default_factory=TransportConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _teacher_context_default(self) -> "RunConfig":
+        # Unset teacher.context resolves to the method's default, so every reader sees a concrete value.
+        if self.teacher.context is None:
+            self.teacher.context = self.algorithm.spec.context
+        return self
 
 
 def _format_validation_error(err: ValidationError) -> str:
