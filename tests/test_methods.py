@@ -3,6 +3,7 @@ rollouts the teacher scores, all on one definition of a correct rollout."""
 
 from __future__ import annotations
 
+import math
 import sys
 import textwrap
 import uuid
@@ -144,3 +145,38 @@ def test_weight_view_is_the_registry():
     with pytest.raises(ValueError, match="no token weight"):
         algorithms.token_advantages("sdpo", torch.ones(1), torch.ones(1), torch.zeros(1, 1), torch.zeros(1, 1),
                                     torch.ones(1, 1), lam=0.5, eps_w=0.2)
+
+
+@pytest.mark.slow
+def test_plugin_method_runs_the_tiny_demo_to_the_end(tmp_path):
+    """A method defined in a file outside rlrt (a weight function and one registration) trains
+    through `rlrt demo --tiny --method <it>`: every service process imports the plugin when it
+    validates the config (algorithm.plugins, here from the environment)."""
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    plugdir = tmp_path / "plugins"
+    plugdir.mkdir()
+    (plugdir / "rlrt_demo_plugin.py").write_text(textwrap.dedent('''
+        import torch
+        from rlrt_core.methods import register_method
+
+        @register_method("half_weight")
+        def half(advantages, rewards, student, teacher):
+            return torch.full_like(student, 0.5), torch.ones_like(rewards, dtype=torch.bool)
+    '''))
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL",) and not k.startswith("RLRT__")}
+    env.update(PYTHONPATH=os.pathsep.join([str(plugdir), str(repo)]),
+               RLRT__ALGORITHM__PLUGINS='["rlrt_demo_plugin"]')
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "services.cli.main", "demo", "--tiny", "--method", "half_weight",
+                           "--steps", "2", "--run-dir", str(run_dir)], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps = [r for r in rows if "loss/loss" in r]
+    assert len(steps) == 2 and all(r["method"] == "half_weight" for r in steps)
+    assert all(math.isfinite(r["loss/loss"]) for r in steps)
