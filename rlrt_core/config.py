@@ -23,7 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rlrt_core.losses import get_loss
-from rlrt_core.methods import get_method
+from rlrt_core.methods import MethodSpec, get_method
 
 ENV_PREFIX = "RLRT__"
 # Conventional deployment variables mapped onto config paths.
@@ -208,7 +208,7 @@ class AlgorithmConfig(_Section):
         return v
 
     @property
-    def spec(self):
+    def spec(self) -> MethodSpec:
         """The `rlrt_core.methods.MethodSpec` of `method`."""
         return get_method(self.method)
 
