@@ -29,7 +29,6 @@ method specs (loss, teacher needs, defaults) live in `rlrt_core.methods`, the lo
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch

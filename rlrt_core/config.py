@@ -23,7 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rlrt_core.losses import get_loss
-from rlrt_core.methods import get_method
+from rlrt_core.methods import MethodSpec, get_method
 
 ENV_PREFIX = "RLRT__"
 # Conventional deployment variables mapped onto config paths.
@@ -112,7 +112,8 @@ class VerifierConfig(_Section):
 
 
 class TeacherConfig(_Section):
-    # None = the method's default (RLSD/RLRT: solution_or_peer; SDPO/SRPO: peer).
+    # None = the method's default (RLSD/RLRT: solution_or_peer; SDPO/SRPO: peer), filled in when
+    # the RunConfig is validated.
     context: Literal["solution", "peer", "solution_or_peer"] | None = None
     teacher_template: str | None = None  # None = rlrt_core.prompts default
     topk: int = Field(0, ge=0, le=1000, description="top-k rows kept for D̄_t (0 = exact from full rows)")
@@ -212,7 +213,7 @@ class AlgorithmConfig(_Section):
         return v
 
     @property
-    def spec(self):
+    def spec(self) -> MethodSpec:
         """The `rlrt_core.methods.MethodSpec` of `method`."""
         return get_method(self.method)
 
@@ -325,6 +326,13 @@ class RunConfig(_Section):
         # which may sit in one stream; a smaller stream bound would refuse dispatch forever.
         check_in_flight_bound(self.learner.max_staleness, self.learner.groups_per_step,
                               self.transport.stream_maxlen)
+        return self
+
+    @model_validator(mode="after")
+    def _teacher_context_default(self) -> "RunConfig":
+        # Unset teacher.context resolves to the method's default, so every reader sees a concrete value.
+        if self.teacher.context is None:
+            self.teacher.context = self.algorithm.spec.context
         return self
 
 

@@ -204,30 +204,41 @@ class PolicyLearner:
                 out.append(lp)
         return torch.cat(out, 0)
 
-    def _support(self, samples: list[TrainSample], length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(support ids [B, length, k] long, teacher log-probs there [B, length, k], has_teacher [B]).
-        Rows without a target get id 0 / log-prob 0 and has_teacher False (the loss masks them)."""
-        vocab = self.model.get_output_embeddings().weight.shape[0]
-        ks = {int(s.support_ids.shape[-1]) for s in samples if s.support_ids is not None}
-        if len(ks) > 1:
-            raise ValueError(f"support rows of one step differ in k: {sorted(ks)}")
-        k = ks.pop() if ks else 1
+    def _support(self, samples: Sequence[TrainSample], length: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(support ids [b, length, k] long, teacher log-probs there [b, length, k]) on the device,
+        built per micro-batch (a whole step's [B, T, k] rows would not fit at paper scale). Rows
+        come sorted by the student's probability, so the first k columns are the top-k support.
+        Rows without a target get id 0 / log-prob 0 (the loss masks them through has_teacher)."""
         ids = torch.zeros(len(samples), length, k, dtype=torch.long)
         lps = torch.zeros(len(samples), length, k)
-        has = torch.zeros(len(samples), dtype=torch.bool)
         for i, s in enumerate(samples):
-            if s.support_ids is None or s.teacher_support_logprobs is None:
-                continue
-            n = len(s.response_ids)
-            if tuple(s.support_ids.shape) != (n, k) or tuple(s.teacher_support_logprobs.shape) != (n, k):
-                raise ValueError(f"sample {i}: support rows {tuple(s.support_ids.shape)}/"
-                                 f"{tuple(s.teacher_support_logprobs.shape)} for {n} tokens, k = {k}")
-            if n and (int(s.support_ids.min()) < 0 or int(s.support_ids.max()) >= vocab):
-                raise ValueError(f"sample {i}: support ids outside the vocabulary [0, {vocab})")
-            ids[i, :n] = s.support_ids
-            lps[i, :n] = s.teacher_support_logprobs
-            has[i] = True
-        return ids.to(self.device), lps.to(self.device), has.to(self.device)
+            if s.support_ids is not None and s.teacher_support_logprobs is not None:
+                n = len(s.response_ids)
+                ids[i, :n] = s.support_ids[:, :k]
+                lps[i, :n] = s.teacher_support_logprobs[:, :k]
+        return ids.to(self.device), lps.to(self.device)
+
+    def _check_support(self, groups: Sequence[TrainGroup]) -> None:
+        """ValueError naming the group when a sample's support rows do not fit its response or
+        the vocabulary (checked before any compute, so a bad group never half-updates)."""
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        for g in groups:
+            for i, s in enumerate(g.samples):
+                if (s.support_ids is None) != (s.teacher_support_logprobs is None):
+                    raise ValueError(f"group {g.group_id} sample {i}: support_ids and teacher_support_logprobs "
+                                     f"must come together")
+                if s.support_ids is None:
+                    continue
+                n = len(s.response_ids)
+                if (s.support_ids.ndim != 2 or s.support_ids.shape[0] != n or s.support_ids.shape[1] < 1
+                        or tuple(s.teacher_support_logprobs.shape) != tuple(s.support_ids.shape)):
+                    raise ValueError(f"group {g.group_id} sample {i}: support rows {tuple(s.support_ids.shape)}/"
+                                     f"{tuple(s.teacher_support_logprobs.shape)} for a response of {n} tokens")
+                if n and (int(s.support_ids.min()) < 0 or int(s.support_ids.max()) >= vocab):
+                    raise ValueError(f"group {g.group_id} sample {i}: support ids outside the vocabulary [0, {vocab})")
+                if not bool(torch.isfinite(s.teacher_support_logprobs).logical_or(
+                        torch.isneginf(s.teacher_support_logprobs)).all()):
+                    raise ValueError(f"group {g.group_id} sample {i}: teacher support log-probs hold NaN or +inf")
 
     def step(self, groups: Sequence[TrainGroup]) -> StepResult:
         """One learner step on `groups` (normally `groups_per_step` of them)."""
@@ -243,6 +254,8 @@ class PolicyLearner:
                 if len(s.behavior_logprobs) != len(s.response_ids):
                     raise ValueError(f"group {g.group_id}: behaviour log-probs ({len(s.behavior_logprobs)}) "
                                      f"and response ids ({len(s.response_ids)}) differ in length")
+        if loss_spec.needs_support:
+            self._check_support(groups)
         B = len(samples)
         T = max(1, max(len(s.response_ids) for s in samples))
         prompts = [list(s.prompt_ids) for s in samples]
@@ -276,10 +289,13 @@ class PolicyLearner:
         else:  # the loss does not shape advantages (SDPO): A broadcast, for diagnostics
             tok_adv = torch.where(mask, advantages[:, None].expand_as(behavior), torch.zeros_like(behavior))
 
+        has_teacher = torch.tensor([s.support_ids is not None and s.teacher_support_logprobs is not None
+                                    for s in samples], dtype=torch.bool, device=self.device)
         full = LossBatch(mask=mask, rewards=rewards, behavior_logprobs=behavior, token_advantages=tok_adv,
-                         old_logprobs=old_lp)
-        if loss_spec.needs_support:
-            full.support_ids, full.teacher_support_logprobs, full.has_teacher = self._support(samples, T)
+                         old_logprobs=old_lp, has_teacher=has_teacher)
+        # One support size per step: the smallest shipped (normally all equal distill_topk).
+        support_k = min((int(s.support_ids.shape[-1]) for s in samples if s.support_ids is not None
+                         and s.support_ids.ndim == 2), default=1)
         if any(s.teacher_entropy is not None for s in samples):
             full.teacher_entropy = _pad([s.teacher_entropy or [] for s in samples], T, torch.float32).to(self.device)
 
@@ -316,6 +332,9 @@ class PolicyLearner:
                     idx = [rows[j] for j in local]
                     micro = mb.rows(local)
                     micro_tok = float(micro.loss_mask.sum().item())
+                    if loss_spec.needs_support:
+                        micro.support_ids, micro.teacher_support_logprobs = self._support(
+                            [samples[i] for i in idx], T, support_k)
                     lp, ent, sup = self._logprobs([prompts[i] for i in idx], [responses[i] for i in idx], T,
                                                   grad=True, with_entropy=algo.entropy_coef > 0,
                                                   support_ids=micro.support_ids)

@@ -24,7 +24,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -194,7 +194,14 @@ def sdpo_loss(batch: LossBatch, cfg: "AlgorithmConfig") -> tuple[Tensor, dict[st
         loss = sum_t l_t / |tokens with a teacher|  -  entropy_coef * token-mean entropy
 
     with l_t from `_distill_terms` (generalised JS with alpha = distill_alpha over the student's
-    top-k support plus a tail bucket, IS-clipped at distill_is_clip against the behaviour policy)."""
+    top-k support plus a tail bucket, IS-clipped at distill_is_clip against the behaviour policy).
+
+    One difference from the SDPO reference, which takes the top-k of the student in the update's
+    own forward pass: here the support ids are the student's top-k under the teacher scorer's
+    weights (at most max_staleness versions old) and ship with the teacher's log-probs, so the
+    teacher never needs the learner's weights; the student side at those ids is recomputed with
+    gradient. The IS weight is pi_theta / pi_behaviour (the reference uses pi_old, equal to the
+    behaviour policy on-policy), so SDPO needs no pi_old pass."""
     assert batch.has_teacher is not None and batch.loss_mask is not None
     per_token, ratio, tokens = _distill_terms(batch, cfg, batch.has_teacher)
     n = int(tokens.sum())

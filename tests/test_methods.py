@@ -88,6 +88,10 @@ def test_config_reads_spec_defaults_and_recipe_overrides():
     assert algo.teacher_context(TeacherConfig()) == "peer"
     assert algo.teacher_context(TeacherConfig(context="solution")) == "solution"
     assert AlgorithmConfig(method="rlrt").teacher_context(TeacherConfig()) == "solution_or_peer"
+    # a whole RunConfig resolves an unset teacher.context to the method's default
+    assert build_config({"algorithm": {"method": "srpo"}}, use_env=False).teacher.context == "peer"
+    assert build_config({"algorithm": {"method": "sdpo"}, "teacher": {"context": "solution"}},
+                        use_env=False).teacher.context == "solution"
 
 
 def test_plugin_module_outside_the_package_registers_a_method(tmp_path, monkeypatch):

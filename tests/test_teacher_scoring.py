@@ -206,3 +206,27 @@ def test_grpo_eb_adds_the_entropy_bonus_from_the_spec_default(tok):
     # plain GRPO computes no entropy at all
     plain = _learner(_model(), "grpo").step(groups).metrics
     assert "loss/entropy" not in plain
+
+
+def test_bad_support_rows_are_refused_before_any_update(tok):
+    model = _model()
+    g = train_group(_score(model, tok, _group(model, tok), "sdpo")[1])
+    learner = _learner(model, "sdpo")
+    before = _params(model)
+    s = g.samples[2]
+    good_ids, good_lp = s.support_ids, s.teacher_support_logprobs
+    s.support_ids = good_ids + 49152
+    with pytest.raises(ValueError, match="group g0 sample 2: support ids outside the vocabulary"):
+        learner.step([g])
+    s.support_ids = good_ids[:-1]
+    with pytest.raises(ValueError, match="group g0 sample 2: support rows"):
+        learner.step([g])
+    s.support_ids, s.teacher_support_logprobs = good_ids, None
+    with pytest.raises(ValueError, match="must come together"):
+        learner.step([g])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # mixed support sizes: the step uses the smallest k (the top columns of each row)
+    s.teacher_support_logprobs = good_lp
+    g.samples[0].support_ids = g.samples[0].support_ids[:, :4]
+    g.samples[0].teacher_support_logprobs = g.samples[0].teacher_support_logprobs[:, :4]
+    assert learner.step([g]).applied_updates == 1
