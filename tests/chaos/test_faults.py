@@ -39,10 +39,10 @@ def test_redis_killed_between_training_and_announcement(tmp_path, private_redis)
     cfg = chaos_cfg(tmp_path, private_redis.url)
     run = LocalRun(cfg, restart_crashed=True, extra_env=env)
     with run:
-        wait_for(lambda: (fp / "learner.before_announce@3.hit").exists(), 300, "step 3 to be trained")
+        wait_for(lambda: (fp / "learner.before_announce@3.hit").exists(), 600, "step 3 to be trained")
         private_redis.restart(after_s=3.0)  # kill -9, no persistence: everything is gone
         (fp / "learner.before_announce@3.release").touch()
-        rc = run.wait(timeout_s=300)
+        rc = run.wait(timeout_s=600)
     assert rc == 0, tail_logs(run.run_dir)
     state = check_accounting(cfg, run.run_dir)
     assert state["extra"]["totals"].get("redis_data_losses", 0) >= 1
@@ -55,11 +55,11 @@ def test_redis_paused_longer_than_the_block_timeout(tmp_path, private_redis):
     cfg = chaos_cfg(tmp_path, private_redis.url, learner={"total_steps": 5})
     run = LocalRun(cfg, restart_crashed=True)
     with run:
-        wait_for(lambda: len(read_metrics(run.run_dir)) >= 2, 300, "two learner steps")
+        wait_for(lambda: len(read_metrics(run.run_dir)) >= 2, 600, "two learner steps")
         private_redis.pause()
         time.sleep(15)  # > socket_timeout (block_ms/1000 + 10 s)
         private_redis.resume()
-        rc = run.wait(timeout_s=300)
+        rc = run.wait(timeout_s=600)
     assert rc == 0, tail_logs(run.run_dir)
     state = check_accounting(cfg, run.run_dir)
     assert state["extra"]["ledger"]["counts"]["dead"] == 0
@@ -109,11 +109,11 @@ def test_poison_entries_in_every_stream_are_dead_lettered_alone(tmp_path, privat
 
     run = LocalRun(cfg, restart_crashed=False)
     with run:
-        wait_for(lambda: len(read_metrics(run.run_dir)) >= 1, 300, "a first learner step")
+        wait_for(lambda: len(read_metrics(run.run_dir)) >= 1, 600, "a first learner step")
         bus = StreamBus.from_url(private_redis.url, cfg.run_name)
         for _gid, (stream, msg, _why) in poisons.items():
             bus.publish(stream, msg)
-        rc = run.wait(timeout_s=300)
+        rc = run.wait(timeout_s=600)
         # every poison ends up dead; the future task after version_wait_s
         wait_for(lambda: {d.gid for d in bus.dead_letters(100)} >= set(poisons), 60, "all poisons dead-lettered")
     assert rc == 0, tail_logs(run.run_dir)
@@ -133,7 +133,7 @@ def test_worker_past_its_restart_budget_stops_the_run_loudly(tmp_path, private_r
     cfg = chaos_cfg(tmp_path, private_redis.url, learner={"total_steps": 200}, launcher={"max_restarts": 1})
     run = LocalRun(cfg, restart_crashed=True)
     with run:
-        wait_for(lambda: len(read_metrics(run.run_dir)) >= 1, 300, "a first learner step")
+        wait_for(lambda: len(read_metrics(run.run_dir)) >= 1, 600, "a first learner step")
         teacher = next(c for c in run.children if c.service == "teacher")
         teacher.signal(signal.SIGKILL)
         teacher.proc.wait(timeout=10)
@@ -158,14 +158,14 @@ def test_learner_killed_while_writing_a_checkpoint(tmp_path, private_redis):
     cfg = chaos_cfg(tmp_path, private_redis.url, learner={"total_steps": 6, "checkpoint_every": 2})
     run = LocalRun(cfg, restart_crashed=True, extra_env=env)
     with run:
-        wait_for(lambda: (fp / "learner.checkpoint_write@4.hit").exists(), 300, "the step-4 checkpoint write")
+        wait_for(lambda: (fp / "learner.checkpoint_write@4.hit").exists(), 600, "the step-4 checkpoint write")
         learner = run.learner()
         learner.signal(signal.SIGKILL)
         learner.proc.wait(timeout=10)
         learner.close()
         learner.env = {k: v for k, v in learner.env.items() if not k.startswith("RLRT_FAILPOINT")}
         learner.start()
-        rc = run.wait(timeout_s=300)
+        rc = run.wait(timeout_s=600)
     assert rc == 0, tail_logs(run.run_dir)
     assert "resumed from" in log_of(run.run_dir, "learner-0") and "step 2" in log_of(run.run_dir, "learner-0")
     state = check_accounting(cfg, run.run_dir)
