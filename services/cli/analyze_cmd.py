@@ -227,6 +227,11 @@ def _common_setup(out: Path, seed: int) -> None:
 # --------------------------------------------------------------------------------------
 
 
+def _visible(token: str) -> str:
+    """A token label whose spaces and line breaks can be seen (' =' and '=' differ)."""
+    return token.replace(" ", "␣").replace("\n", "⏎").replace("\t", "⇥")
+
+
 def _draw_heat(ax, tokens: list[str], values: list[float], vmax: float, marked: set[int], title: str,
                width: int = 80) -> int:
     """Tokens as shaded monospace boxes wrapped at `width` characters; returns the line count."""
@@ -284,7 +289,7 @@ def heatmap_cmd(
     t0 = time.perf_counter()
     try:
         engine = load_engine(model, dtype=dtype, device=device)
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, RuntimeError) as err:
         _fail(f"--model {model}: {err}")
     tok, net = engine.tokenizer, engine.model
     V = engine.vocab_size
@@ -355,8 +360,8 @@ def heatmap_cmd(
     heights = []
     for r in results:
         chars = sum(max(len(t.replace("\n", "⏎")), 1) for t in r["tokens"]) + 10 * sum("\n" in t for t in r["tokens"])
-        heights.append(max(1, math.ceil(chars / 80)) + 1)
-    fig, axes = plt.subplots(len(results), 1, figsize=(10, 0.32 * sum(heights) + 0.6 * len(results)),
+        heights.append(max(1, math.ceil(chars / 80)))
+    fig, axes = plt.subplots(len(results), 1, figsize=(10, 0.3 * sum(heights) + 0.45 * len(results)),
                              gridspec_kw={"height_ratios": heights}, squeeze=False)
     for ax, r in zip(axes[:, 0], results):
         verdict = "correct" if r["reward"] >= 0.5 else "wrong"
@@ -381,7 +386,7 @@ def heatmap_cmd(
                [(e["token"], e["p_student"] - e["p_teacher"], PINK) for e in c["exploit"]]
         if rows:
             ax.barh(range(len(rows)), [v for _, v, _ in rows], color=[col for _, _, col in rows])
-            ax.set_yticks(range(len(rows)), [repr(t)[1:-1][:14] for t, _, _ in rows], fontsize=7, family="monospace")
+            ax.set_yticks(range(len(rows)), [_visible(t)[:14] for t, _, _ in rows], fontsize=7, family="monospace")
             ax.invert_yaxis()
         ax.axvline(0, color="#333", lw=0.6)
         ax.set_title(f"#{ri} t={c['position']} {c['token']!r} D̄={c['d_bar']:.3g}", fontsize=8)
@@ -455,7 +460,7 @@ def markers_cmd(
     t0 = time.perf_counter()
     try:
         engine = load_engine(model, dtype=dtype, device=device)
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, RuntimeError) as err:
         _fail(f"--model {model}: {err}")
     tok, net = engine.tokenizer, engine.model
     vmode = default_mode(data, mode)
@@ -656,7 +661,10 @@ def reflection_cmd(
         if not models:
             _fail(f"--checkpoints {checkpoints}: no checkpoints under {checkpoints / 'checkpoints'}")
     else:
-        models.append((max(resolve_model_spec(model)[2], 0), model))
+        try:
+            models.append((max(resolve_model_spec(model)[2], 0), model))
+        except ValueError as err:
+            _fail(f"--model {model}: {err}")
     vmode = default_mode(data, mode)
     per_model = []
     with Verifier(mode=vmode, timeout_s=5.0, workers=1) as verifier, _progress() as progress:
@@ -664,7 +672,7 @@ def reflection_cmd(
         for step, spec in models:
             try:
                 engine = load_engine(spec, dtype=dtype, device=device)
-            except (ValueError, OSError) as err:
+            except (ValueError, OSError, RuntimeError) as err:
                 _fail(f"model {spec}: {err}")
             res = reflection_for_model(engine, verifier, problems, samples=8, max_new_tokens=max_new_tokens,
                                        temperature=temperature, seed=seed, batch=batch_size, reflection=reflection,
@@ -748,7 +756,7 @@ def shift_cmd(
     try:
         base_eng = load_engine(base, dtype=dtype, device=device)
         ft_eng = load_engine(ft, dtype=dtype, device=device)
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, RuntimeError) as err:
         _fail(f"--base/--ft: {err}")
     if base_eng.vocab_size != ft_eng.vocab_size:
         _fail(f"--base has a vocabulary of {base_eng.vocab_size} tokens but --ft has {ft_eng.vocab_size}")
