@@ -3,7 +3,7 @@
 Runs each sub-command as a real process on the built-in arithmetic data (1-digit sums, the
 demo's task) against a base model and a trained run directory (e.g. the checkpoints left by
 `rlrt demo --steps 10 --run-dir /tmp/h15-demo`), and prints one row per sub-command: sizes,
-wall-clock seconds, seconds per scored rollout and the headline numbers of its report.json.
+wall-clock and CPU seconds (the CLI and its verifier workers) and the headline numbers of its report.json.
 
     .venv/bin/python bench/analysis.py --run-dir /tmp/h15-demo [--out /tmp/analysis-bench]
                                        [--docs docs/figures] [--only heatmap,shift]
@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -33,16 +34,22 @@ def commands(run_dir: Path, ckpt: Path, out: Path) -> dict[str, tuple[list[str],
         "heatmap": (["heatmap", "--model", str(ckpt), "--num-problems", "4", "--samples", "8", "--rollouts", "4",
                      "--critical", "3", "--out", str(out / "heatmap")],
                     "4 problems x 8 samples, 4 rollouts scored in full (V = 49152)"),
-        "markers": (["markers", "--model", BASE, "--num-problems", "30", "--samples", "8", "--min-count", "10",
+        "markers": (["markers", "--model", BASE, "--num-problems", "20", "--samples", "8", "--min-count", "10",
                      "--out", str(out / "markers")],
-                    "30 problems x 8 samples, 1 right + 1 wrong kept per problem, min count 10"),
-        "reflection": (["reflection", "--checkpoints", str(run_dir), "--num-problems", "16", "--max-rollouts", "16",
-                        "--out", str(out / "reflection")],
-                       "base + each checkpoint: 16 problems x 8 samples, <= 16 rollouts per subset x 3 sites"),
-        "shift": (["shift", "--base", BASE, "--ft", str(ckpt), "--num-problems", "40", "--hard-prompts", "20",
-                   "--ft-rollouts", "2", "--out", str(out / "shift")],
-                  "40 problems screened x 8 base samples, 20 hard prompts x 2 ft rollouts"),
+                    "20 problems x 8 samples, 1 right + 1 wrong kept per problem, min count 10"),
+        "reflection": (["reflection", "--checkpoints", str(run_dir), "--num-problems", "12", "--max-rollouts", "8",
+                        "--max-new-tokens", "32", "--out", str(out / "reflection")],
+                       "base + each checkpoint: 12 problems x 8 samples, <= 8 rollouts per subset x 3 sites, "
+                       "<= 32 new tokens"),
+        "shift": (["shift", "--base", BASE, "--ft", str(ckpt), "--num-problems", "24", "--hard-prompts", "12",
+                   "--ft-rollouts", "2", "--max-new-tokens", "32", "--out", str(out / "shift")],
+                  "24 problems screened x 8 base samples, <= 12 hard prompts x 2 ft rollouts, <= 32 new tokens"),
     }
+
+
+def _children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def headline(name: str, doc: dict) -> str:
@@ -86,21 +93,24 @@ def main() -> None:
     for name in only:
         argv, sizes = cmds[name]
         t0 = time.perf_counter()
+        cpu0 = _children_cpu()
         p = subprocess.run([sys.executable, "-m", "services.cli.main", "analyze", *argv], cwd=REPO,
                            capture_output=True, text=True, env=dict(os.environ, COLUMNS="120"))
         wall = time.perf_counter() - t0
+        cpu = _children_cpu() - cpu0  # the CLI and its verifier workers; robust to other jobs' load
         if p.returncode != 0:
             print(f"{name}: failed ({p.returncode})\n{p.stderr[-2000:]}")
             continue
         out_dir = Path(argv[argv.index("--out") + 1])
         doc = json.loads((out_dir / "report.json").read_text())
         sizes_kb = {f: (out_dir / f).stat().st_size // 1024 for f in doc["figures"]}
-        rows.append((name, sizes, wall, doc["seconds"], headline(name, doc), sizes_kb))
-        print(f"\n{name}: {sizes}\n  wall {wall:.0f} s (analysis {doc['seconds']:.0f} s after start-up)\n"
+        rows.append((name, sizes, wall, cpu, headline(name, doc), sizes_kb))
+        print(f"\n{name}: {sizes}\n  wall {wall:.0f} s (analysis {doc['seconds']:.0f} s after start-up), "
+              f"CPU {cpu:.0f} s, load average {os.getloadavg()[0]:.1f}\n"
               f"  {headline(name, doc)}\n  figures (KB): {sizes_kb}", flush=True)
-    print("\n| sub-command | sizes | wall s | analysis s | result |\n|---|---|---|---|---|")
-    for name, sizes, wall, secs, head, _ in rows:
-        print(f"| {name} | {sizes} | {wall:.0f} | {secs:.0f} | {head} |")
+    print("\n| sub-command | sizes | wall s | CPU s | result |\n|---|---|---|---|---|")
+    for name, sizes, wall, cpu, head, _ in rows:
+        print(f"| {name} | {sizes} | {wall:.0f} | {cpu:.0f} | {head} |")
     if args.docs:
         args.docs.mkdir(parents=True, exist_ok=True)
         for name, fig, dest in (("heatmap", "heatmap.png", "analysis-heatmap.png"),
