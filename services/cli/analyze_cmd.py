@@ -23,7 +23,7 @@ import random
 import re
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, Optional
 
@@ -151,7 +151,6 @@ class Rollout:
     text: str
     reward: float
     finish_reason: str
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def body_len(self) -> int:
