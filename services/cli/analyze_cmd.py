@@ -171,7 +171,10 @@ def sample_rollouts(engine, verifier: Verifier, problems: list[Problem], *, n: i
                                                       seed=seed + s))
         texts = [c.text for r in res for c in r.completions]
         answers = [p.answer for p in chunk for _ in range(n)]
-        verdicts = verifier.verify(texts, answers)
+        try:
+            verdicts = verifier.verify(texts, answers)
+        except RuntimeError as err:  # a pool that cannot start (e.g. an overloaded machine)
+            _fail(f"verifier: {err}")
         k = 0
         for p, pr, r in zip(chunk, prompts, res):
             group = []
@@ -611,7 +614,10 @@ def reflection_for_model(engine, verifier: Verifier, problems: list[Problem], *,
                                                       seed=seed + 7919 + s))
         texts = [tok.decode(ro.token_ids[:pos] + reflect_ids + r.completions[0].token_ids, skip_special_tokens=True)
                  for (_, _, ro, pos, _), r in zip(chunk, res)]
-        verdicts = verifier.verify(texts, [ro.problem.answer for _, _, ro, _, _ in chunk])
+        try:
+            verdicts = verifier.verify(texts, [ro.problem.answer for _, _, ro, _, _ in chunk])
+        except RuntimeError as err:
+            _fail(f"verifier: {err}")
         for (sub, site, ro, pos, dv), v, text in zip(chunk, verdicts, texts):
             records.append({"problem_id": ro.problem.id, "subset": sub, "site": site, "position": pos,
                             "d_bar": dv, "before": ro.reward, "after": v.reward, "continued": text})
