@@ -276,3 +276,34 @@ def score_views(model: Any, student_prompt_ids: Sequence[Sequence[int]], teacher
     student = score_tokens(model, student_prompt_ids, response_ids, **kw)
     teacher = score_tokens(model, teacher_prompt_ids, response_ids, **kw)
     return student, teacher
+
+
+def logprob_rows(model: Any, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]], *,
+                 temperature: float = 1.0) -> list[Tensor]:
+    """Full-vocabulary next-token log-prob rows at every response position, without gradients.
+
+    Row j of sequence i is log pi(. | prompt_i, response_i[:j]) over the whole vocabulary: the
+    distribution response token j was drawn from. For diagnostics that need all of P (KL over
+    the vocabulary, arg-max of D_hat_t(v), JS divergence); memory is sum_i T_i x V x 4 bytes
+    (49k vocabulary: 0.2 MB per token), so callers bound the batch.
+
+    Returns:
+        B tensors [T_i, V] float32 on the model's device (T_i = len(response_ids[i]), may be 0).
+    """
+    _validate(model, prompt_ids, response_ids, temperature, 0, 1)
+    head, body = _head_and_body(model)
+    device = head.weight.device
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    out: list[Tensor] = []
+    with torch.no_grad():
+        for p, r in zip(prompt_ids, response_ids):
+            if not r:
+                out.append(torch.zeros(0, head.weight.shape[0], device=device))
+                continue
+            ids = torch.tensor([list(p) + list(r)[:-1]], dtype=torch.long, device=device)
+            h = body(input_ids=ids, use_cache=False).last_hidden_state[0, len(p) - 1:]  # [T, H]
+            logits = head(h).float()
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
+            out.append(torch.log_softmax(logits / temperature, dim=-1))
+    return out
