@@ -163,10 +163,11 @@ if int(os.environ["RANK"]) == 0:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [3])
+@pytest.mark.parametrize("stage", [2, 3])
 def test_two_ranks_torchrun_equal_plain(tiny_path, tmp_path, stage):
-    """Two gloo ranks (torchrun), ZeRO-3: parameters, gradients and optimizer state sharded;
-    the gathered weights after one step equal the single-process plain step."""
+    """Two gloo ranks (torchrun), ZeRO-2/3: each rank runs half of every mini-batch's micro-batches,
+    gradients (and under ZeRO-3 parameters) and optimizer state are sharded; the gathered weights
+    after one step equal the single-process plain step on the same batch within 2e-5."""
     from safetensors.torch import load_file
 
     from services.launcher import free_port
@@ -185,9 +186,10 @@ def test_two_ranks_torchrun_equal_plain(tiny_path, tmp_path, stage):
     got = load_file(str(out))
     want = _params(plain.model)
     assert set(got) <= set(want) and "model.embed_tokens.weight" in got
-    # Adam's first update is about lr * sign(g): where |g| ~ eps, the ranks' different reduction
-    # order may move a single element by a fraction of one update (lr = 1e-3).
+    init = _params(load_model(tiny_path))
+    moved = max(float((v - init[k]).abs().max()) for k, v in got.items())
+    assert moved > 5e-4, "the step must move the weights well beyond the tolerance"
     for k, v in got.items():
         diff = (v - want[k]).abs()
-        assert float(diff.max()) < 1e-4, (k, float(diff.max()))
-        assert float(diff.mean()) < 1e-7, (k, float(diff.mean()))
+        assert float(diff.max()) < 2e-5, (k, float(diff.max()))
+
