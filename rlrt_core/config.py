@@ -335,6 +335,9 @@ class RunConfig(_Section):
         # which may sit in one stream; a smaller stream bound would refuse dispatch forever.
         check_in_flight_bound(self.learner.max_staleness, self.learner.groups_per_step,
                               self.transport.stream_maxlen)
+        if self.ray.learner.world_size > 1 and self.learner.deepspeed is None:
+            raise ValueError(f"ray.learner.world_size ({self.ray.learner.world_size}): several learner ranks need "
+                             "learner.deepspeed (e.g. {zero_optimization: {stage: 2}}) to share the step")
         return self
 
 

@@ -80,6 +80,9 @@ def run(cfg: RunConfig, worker: str) -> int:
                   "them); set it, or run one process", world)
         return 2
     if rank > 0:  # a follower: no Redis, no ports; rank 0 sends it every step
+        from services.common.runtime import setup_logging
+
+        setup_logging(f"{worker}-rank{rank}")
         torch.manual_seed(lc.seed)
         random.seed(lc.seed)
         return follower_main(cfg)
@@ -126,6 +129,7 @@ def run(cfg: RunConfig, worker: str) -> int:
         return 2
     device = rank_device(lc.device)
     model = load_model(cfg.model.path, dtype=cfg.model.dtype, device=device, cache_dir=cfg.model.cache_dir)
+    vocab_size = int(model.get_output_embeddings().weight.shape[0])  # before ZeRO-3 partitions it (shape 0)
     learner = PolicyLearner(model, lc, cfg.algorithm, temperature=cfg.rollout.temperature, device=device)
     if world > 1:
         learner = RankedLearner(learner)
@@ -137,6 +141,10 @@ def run(cfg: RunConfig, worker: str) -> int:
             learner.close()
         rt.close()
         return 2
+    except BaseException:
+        if isinstance(learner, RankedLearner):
+            learner.close()  # the followers exit instead of waiting dist_timeout_s for us
+        raise
     address = f"{advertised_host(cfg)}:{server.port}"
     log.info("weight server listening on %s:%d (announced as %s)", cfg.transport.weights_host, server.port, address)
 
@@ -146,7 +154,7 @@ def run(cfg: RunConfig, worker: str) -> int:
     loop = LearnerLoop(cfg, learner, problems, bus=rt.bus, weights=server, announce=announce,
                        read_announced=lambda: read_announced_version(rt.redis, cfg.run_name,
                                                                      prefix=cfg.transport.stream_prefix),
-                       worker=worker, vocab_size=int(model.get_output_embeddings().weight.shape[0]),
+                       worker=worker, vocab_size=vocab_size,
                        metrics=rt.metrics, on_progress=rt.progressed, on_wait=rt.wait_for, stop=rt.stop_event)
     holder["loop"] = loop
     rt.extra_heartbeat = lambda: {"version": loop.version, "step": loop.step}
