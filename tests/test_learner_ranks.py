@@ -245,3 +245,20 @@ def test_kill_rank_1_then_resume_from_checkpoint(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4], [r["step"] for r in rows]
     trained = [g for r in rows for g in r["groups"]]
     assert len(trained) == len(set(trained)) == 8
+
+
+def test_several_ranks_need_deepspeed():
+    """`ray.learner.world_size` > 1 without learner.deepspeed is refused at start-up, naming both;
+    RankedLearner refuses a learner without DeepSpeed."""
+    from rlrt_core.config import AlgorithmConfig, ConfigError, LearnerConfig, build_config
+    from rlrt_core.learner import PolicyLearner
+    from rlrt_core.learner_ranks import RankedLearner
+    from rlrt_core.models import load_model
+
+    with pytest.raises(ConfigError, match=r"ray\.learner\.world_size \(2\).*learner\.deepspeed"):
+        build_config({"ray": {"learner": {"world_size": 2}}}, use_env=False)
+    cfg = build_config({"ray": {"learner": {"world_size": 2, "num_gpus": 2}},
+                        "learner": {"deepspeed": {"zero_optimization": {"stage": 2}}}}, use_env=False)
+    assert cfg.ray.learner.world_size == 2
+    with pytest.raises(ValueError, match="need learner.deepspeed"):
+        RankedLearner(PolicyLearner(load_model("tiny"), LearnerConfig(), AlgorithmConfig()))
