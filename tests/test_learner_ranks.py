@@ -220,25 +220,31 @@ def test_two_rank_learner_service_equals_one_rank(tmp_path, stage):
 @pytest.mark.slow
 def test_kill_rank_1_then_resume_from_checkpoint(tmp_path):
     """ZeRO-3, checkpoint every step: kill -9 rank 1 after step 2; rank 0 fails its next
-    collective, torchrun restarts both ranks, they resume from the last checkpoint (weights,
-    every rank's optimizer shard) and finish; metrics rows stay one per step."""
+    collective and every rank exits non-zero (torchrun --max-restarts 0, as under Ray, whose
+    actor restart starts torchrun again); a new torchrun resumes from the last checkpoint
+    (weights, every rank's optimizer shard) and finishes with one metrics row per step."""
     config, cfg = _config(tmp_path, 3, total_steps=4, checkpoint_every=1)
     stages = Stages(cfg)
-    log_path = tmp_path / "torchrun.log"
     run_dir = Path(cfg["metrics"]["run_dir"])
-    proc = _torchrun(config, log_path, max_restarts=1)
+    first_log, second_log = tmp_path / "torchrun-1.log", tmp_path / "torchrun-2.log"
+    proc = _torchrun(config, first_log, max_restarts=0)
     try:
-        _drive(proc, stages, log_path, timeout_s=600,
+        _drive(proc, stages, first_log, timeout_s=600,
                until=lambda: (run_dir / "checkpoints" / "step_000002").is_dir())
         victim = _rank_pid(proc.pid, 1)
         assert victim is not None, "rank 1 not found among torchrun's children"
         os.kill(victim, signal.SIGKILL)
-        _drive(proc, stages, log_path, timeout_s=600)
+        _drive(proc, stages, first_log, timeout_s=300)
+        assert proc.returncode != 0, "losing a rank must fail the ranks"
+        assert "training step failed on rank 0" in first_log.read_text() or \
+            "to the other learner ranks failed" in first_log.read_text(), first_log.read_text()[-3000:]
+        proc = _torchrun(config, second_log, max_restarts=0)
+        _drive(proc, stages, second_log, timeout_s=600)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         stages.close()
-    text = log_path.read_text()
+    text = second_log.read_text()
     assert proc.returncode == 0, text[-4000:]
     assert "resumed from" in text and "rank 1: stop after" in text, text[-4000:]
     rows = _rows(run_dir)
