@@ -6,6 +6,8 @@ Layout of one checkpoint (a directory, renamed into place only once complete):
         model.safetensors       policy weights
         optimizer.safetensors   optimizer per-parameter tensors, keys "<param_index>.<name>"
         rng.safetensors         torch CPU RNG state (and CUDA when present)
+        zero_rank<r>_of_<W>.safetensors   ZeRO-1/2/3: each rank's optimizer partition
+                                (`rlrt_core.distributed`, written through `write_files`)
         state.json              step, version, optimizer scalars/param_groups, scheduler,
                                 python RNG, admission accounting, data cursor, extra
     <root>/latest               the name of the newest complete checkpoint
@@ -85,9 +87,12 @@ def _restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None
 def save_checkpoint(root: str | os.PathLike[str], *, step: int, version: int, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
                     extra: dict[str, Any] | None = None, keep: int = 2,
-                    before_commit: Callable[[], None] | None = None) -> Path:
+                    before_commit: Callable[[], None] | None = None,
+                    write_files: Callable[[Path], None] | None = None) -> Path:
     """Write a checkpoint atomically (temp dir + rename + `latest` pointer); prune to `keep`.
-    `before_commit()` runs after every file is on disk and before the rename (a test hook)."""
+    `write_files(tmp_dir)` adds files of its own first (every rank's optimizer shard; the
+    directory must be on storage all ranks see). `before_commit()` runs after every file is on
+    disk and before the rename (a test hook)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:06d}"
@@ -96,6 +101,8 @@ def save_checkpoint(root: str | os.PathLike[str], *, step: int, version: int, mo
     for stale in root.glob(".step_*.tmp-*"):  # left by a process killed mid-write
         shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
+    if write_files is not None:  # first: ranks wait in it, so nothing of ours may fail before
+        write_files(tmp)
     # Tied weights (embed/lm_head) share storage; safetensors refuses shared tensors, so clone.
     sd = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
     save_file(sd, str(tmp / "model.safetensors"))

@@ -138,6 +138,9 @@ class LearnerConfig(_Section):
     device: str = "cpu"
     seed: int = 0
     deepspeed: dict[str, Any] | None = None
+    dist_timeout_s: float = Field(600.0, gt=0.0, le=86400.0,
+                                  description="several ranks: a collective waiting longer than this fails the "
+                                              "rank (a peer died); also the longest a follower waits for rank 0")
 
     @model_validator(mode="after")
     def _minibatch_divides(self) -> "LearnerConfig":
@@ -287,6 +290,13 @@ class RayActorResources(_Section):
     num_cpus: float = Field(1.0, ge=0.0)
 
 
+class RayLearnerResources(RayActorResources):
+    """The learner actor: `world_size` > 1 runs `torchrun --nproc-per-node world_size` inside the
+    one actor (all ranks on the actor's node; ask for `num_gpus` = world_size on GPUs)."""
+
+    world_size: int = Field(1, ge=1, le=64, description="learner ranks (DeepSpeed ZeRO across them)")
+
+
 class RayConfig(_Section):
     """Placement on a Ray cluster (`rlrt launch --ray`). Ray only places and restarts the
     services; trajectories still go over Redis Streams and weights over gRPC."""
@@ -299,7 +309,7 @@ class RayConfig(_Section):
     rollout: RayActorResources = Field(default_factory=RayActorResources)
     verifier: RayActorResources = Field(default_factory=RayActorResources)
     teacher: RayActorResources = Field(default_factory=RayActorResources)
-    learner: RayActorResources = Field(default_factory=RayActorResources)
+    learner: RayLearnerResources = Field(default_factory=RayLearnerResources)
     namespace: str = "rlrt"
 
 
@@ -326,6 +336,9 @@ class RunConfig(_Section):
         # which may sit in one stream; a smaller stream bound would refuse dispatch forever.
         check_in_flight_bound(self.learner.max_staleness, self.learner.groups_per_step,
                               self.transport.stream_maxlen)
+        if self.ray.learner.world_size > 1 and self.learner.deepspeed is None:
+            raise ValueError(f"ray.learner.world_size ({self.ray.learner.world_size}): several learner ranks need "
+                             "learner.deepspeed (e.g. {zero_optimization: {stage: 2}}) to share the step")
         return self
 
     @model_validator(mode="after")

@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
 
 from rlrt_core import algorithms
+from rlrt_core.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from rlrt_core.config import AlgorithmConfig, LearnerConfig
 from rlrt_core.losses import LossBatch, get_loss
 from rlrt_core.methods import correct_mask, get_method
@@ -174,6 +177,38 @@ class PolicyLearner:
         if self.ds is not None:
             self.ds.weights_loaded()
 
+    @property
+    def ranks(self) -> tuple[int, int]:
+        """(world size, this rank): (1, 0) without DeepSpeed."""
+        return (self.ds.world_size, self.ds.rank) if self.ds is not None else (1, 0)
+
+    def save_checkpoint(self, root: str | os.PathLike[str], *, step: int, version: int, extra: dict[str, Any],
+                        keep: int = 2, before_commit: Callable[[], None] | None = None,
+                        write_shards: Callable[[Path], None] | None = None) -> Path:
+        """Write a checkpoint of the full weights, optimizer and scheduler (`rlrt_core.checkpoint`).
+        Under ZeRO-1/2/3 the optimizer goes in per-rank shards: `write_shards(tmp_dir)` writes them
+        (a multi-rank caller has every rank write its own); by default this rank writes its own."""
+        if self.ds is not None and self.ds.shards and write_shards is None:
+            write_shards = self.ds.write_shard
+        with self.full_params():
+            return save_checkpoint(root, step=step, version=version, model=self.model,
+                                   optimizer=self.checkpoint_optimizer(), scheduler=self.scheduler, extra=extra,
+                                   keep=keep, before_commit=before_commit, write_files=write_shards)
+
+    def restore(self, path: str | os.PathLike[str]) -> Checkpoint:
+        """Load a checkpoint written by `save_checkpoint`: weights, optimizer (this rank's shard
+        under ZeRO), scheduler, RNG and the learner's own counters. Every rank calls it."""
+        with self.full_params(modify=True):
+            loaded = load_checkpoint(path, model=self.model, optimizer=self.checkpoint_optimizer(),
+                                     scheduler=self.scheduler)
+        self.weights_loaded()
+        if self.ds is not None and self.ds.shards and not self.ds.load_shard(path):
+            import logging
+
+            logging.getLogger("rlrt.learner").warning("%s has no optimizer shards: Adam moments start afresh", path)
+        self.load_state(loaded.state.get("extra", {}).get("learner", {}))
+        return loaded
+
     # -- pieces of a step --------------------------------------------------------------
     def _logprobs(self, prompts: list[list[int]], responses: list[list[int]], length: int, *,
                   grad: bool, with_entropy: bool = False, support_ids: torch.Tensor | None = None
@@ -195,14 +230,24 @@ class PolicyLearner:
                 sup[:, :length] if sup is not None else None)
 
     def _old_logprobs(self, prompts: list[list[int]], responses: list[list[int]], length: int) -> torch.Tensor:
+        """π_old log-probs [B, length]. Several ranks: each scores every W-th micro-batch and a sum
+        all-reduce assembles the whole (exact: the other ranks add zeros)."""
         mb = self.cfg.micro_batch_size
-        out = []
+        world, rank = self.ranks
+        starts = list(range(0, len(prompts), mb))
+        mine = starts[rank::world]
+        out = torch.zeros(len(prompts), length, device=self.device)
         self.model.eval()
         with torch.no_grad():
-            for i in range(0, len(prompts), mb):
+            for k in range(-(-len(starts) // world)):
+                # A rank with no chunk left still runs one (ZeRO-3 gathers weights with collectives).
+                i = mine[k] if k < len(mine) else starts[0]
                 lp, _, _ = self._logprobs(prompts[i:i + mb], responses[i:i + mb], length, grad=False)
-                out.append(lp)
-        return torch.cat(out, 0)
+                if k < len(mine):
+                    out[i:i + mb] = lp
+        if world > 1:
+            torch.distributed.all_reduce(out)
+        return out
 
     def _support(self, samples: Sequence[TrainSample], length: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(support ids [b, length, k] long, teacher log-probs there [b, length, k]) on the device,
@@ -328,7 +373,15 @@ class PolicyLearner:
                 micros = [list(range(ms, min(ms + self.cfg.micro_batch_size, len(rows))))
                           for ms in range(0, len(rows), self.cfg.micro_batch_size)]
                 micros = [loc for loc in micros if bool(mb.loss_mask[loc].any())]
-                for mi, local in enumerate(micros):
+                # Several ranks: rank r runs micro-batches r, r+W, ...; a rank with none left runs a
+                # zero-weighted one so every rank makes the same collectives. DeepSpeed averages
+                # gradients over ranks, hence the factor W: the sum equals the one-rank step.
+                world, rank = self.ranks
+                mine = micros[rank::world]
+                rounds = -(-len(micros) // world)
+                for mi in range(rounds):
+                    dummy = mi >= len(mine)
+                    local = micros[0] if dummy else mine[mi]
                     idx = [rows[j] for j in local]
                     micro = mb.rows(local)
                     micro_tok = float(micro.loss_mask.sum().item())
@@ -342,17 +395,23 @@ class PolicyLearner:
                     if not (bool(torch.isfinite(lp[m]).all())
                             and (micro.old_logprobs is None or bool(torch.isfinite(micro.old_logprobs[m]).all()))):
                         finite = False  # a non-finite forward pass: skip this update, count it
-                        break
+                        if world == 1:
+                            break
                     micro.logprobs, micro.entropy, micro.support_logprobs = lp, ent, sup
                     loss, met = loss_spec.fn(micro, algo)
                     if not torch.isfinite(loss):
                         finite = False
-                        break
-                    last = mi == len(micros) - 1
+                        if world == 1:
+                            break
+                    last = mi == rounds - 1
                     if self.ds is not None:
-                        self.ds.backward(loss * (micro_tok / n_tok), last=last)
+                        # (Several ranks keep back-propagating after a non-finite pass: the update is
+                        # skipped by all of them together in finish, and their collectives stay paired.)
+                        self.ds.backward(loss * ((0.0 if dummy else micro_tok * world) / n_tok), last=last)
                     else:
                         (loss * (micro_tok / n_tok)).backward()
+                    if dummy:
+                        continue
                     for k, v in met.items():
                         if k == "n_tokens" or not (isinstance(v, (int, float)) and math.isfinite(v)):
                             continue
@@ -384,6 +443,10 @@ class PolicyLearner:
         else:
             self.optimizer.zero_grad(set_to_none=True)
         self.model.eval()
+        if self.ranks[0] > 1:  # each rank saw its own micro-batches: merge their loss metrics
+            from rlrt_core.distributed import merge_loss_metrics
+
+            agg, agg_max, agg_tokens = merge_loss_metrics(agg, agg_max, agg_tokens, device=self.device)
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         self.step_index += 1

@@ -38,7 +38,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from rlrt_core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from rlrt_core.checkpoint import latest_checkpoint
 from rlrt_core.config import RunConfig, check_in_flight_bound
 from rlrt_core.failpoints import failpoint
 from rlrt_core.learner import PolicyLearner, TrainGroup, train_group
@@ -225,12 +225,8 @@ class LearnerLoop:
         current version, and reconcile the ledger with what Redis holds."""
         ck = latest_checkpoint(self.ckpt_dir)
         if ck is not None:
-            with self.learner.full_params(modify=True):
-                loaded = load_checkpoint(ck, model=self.model, optimizer=self.learner.checkpoint_optimizer(),
-                                         scheduler=self.learner.scheduler)
-            self.learner.weights_loaded()
+            loaded = self.learner.restore(ck)  # weights, optimizer (every rank's shard), scheduler, counters
             extra = loaded.state.get("extra", {})
-            self.learner.load_state(extra.get("learner", {}))
             self.admission.load_state_dict(extra.get("admission", {}))
             self.ledger.load_state_dict(extra.get("ledger", {}))
             c = extra.get("cursor", {})
@@ -525,11 +521,10 @@ class LearnerLoop:
         t0 = time.perf_counter()
 
         def write() -> Path:
-            with self.learner.full_params():
-                return save_checkpoint(self.ckpt_dir, step=self.step, version=self.version, model=self.model,
-                                       optimizer=self.learner.checkpoint_optimizer(), scheduler=self.learner.scheduler,
-                                       extra=extra, keep=self.lc.keep_checkpoints,
-                                       before_commit=lambda: failpoint("learner.checkpoint_write", step=self.step))
+            return self.learner.save_checkpoint(self.ckpt_dir, step=self.step, version=self.version, extra=extra,
+                                                keep=self.lc.keep_checkpoints,
+                                                before_commit=lambda: failpoint("learner.checkpoint_write",
+                                                                                step=self.step))
 
         path = self._until_done(f"checkpoint of step {self.step} to be written", write)
         if self.m is not None:

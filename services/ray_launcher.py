@@ -10,7 +10,9 @@ checkpoint). Trajectories go over Redis Streams and weights over gRPC, as in eve
 Driver, in order:
   1. Redis: `transport.redis_url`, or an embedded Redis on the driver (loopback: a single-node
      cluster only; a multi-node cluster needs a Redis every node reaches, checked here).
-  2. Learner node: a probe actor with the learner's resources picks the node and a free port
+  2. Learner node (one actor; `ray.learner.world_size` = N > 1 runs `torchrun --standalone
+     --nproc-per-node N` inside it: all ranks on that node, rank 0 is the service, a failed
+     rank fails torchrun, the actor and Ray restarts it; give it num_gpus = N on GPUs): a probe actor with the learner's resources picks the node and a free port
      there; the learner actor is pinned to that node (its restarts stay there), so
      `weights_target` = <learner node IP>:<port> holds for the whole run.
   3. Actors: learner, then `ray.teacher_workers` teachers, `ray.verifier_workers` verifiers and
@@ -54,7 +56,7 @@ class ServiceProcess:
     """The body of a service actor: one `rlrt serve` subprocess plus a watcher that ends this
     process when the service fails (Ray then restarts the actor)."""
 
-    def __init__(self, service: str, worker: str, config_yaml: str, omp_threads: int) -> None:
+    def __init__(self, service: str, worker: str, config_yaml: str, omp_threads: int, nproc: int = 1) -> None:
         import ray
 
         from services.launcher import _die_with_parent
@@ -75,6 +77,9 @@ class ServiceProcess:
         env.setdefault("OMP_NUM_THREADS", str(max(1, omp_threads)))
         cmd = [sys.executable, "-m", "services.cli.main", "serve", service, "--config", str(cfg_file),
                "--worker", worker]
+        if nproc > 1:  # the learner's ranks: torchrun on this node; Ray restarts the actor, not torchrun
+            cmd[1:2] = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+                        "--max-restarts", "0", "-m"]
         self.log_fh.write(f"[ray] {worker} on {self.node_ip} pid {os.getpid()}: {' '.join(cmd)}\n".encode())
         self.proc = subprocess.Popen(cmd, env=env, cwd=str(ROOT), stdout=self.log_fh, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
@@ -222,7 +227,8 @@ class RayRun:
             if service == "learner":
                 opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(probe["node_id"], soft=False)
             threads = max(1, int(cpus)) if cpus else 1
-            self.actors[worker] = actor_cls.options(**opts).remote(service, worker, config_yaml, threads)
+            nproc = cfg.ray.learner.world_size if service == "learner" else 1
+            self.actors[worker] = actor_cls.options(**opts).remote(service, worker, config_yaml, threads, nproc)
         infos = ray.get([a.info.remote() for a in self.actors.values()], timeout=600)
         for i in infos:
             log.info("%s on %s (service pid %s)", i["worker"], i["node_ip"], i["pid"])

@@ -105,29 +105,41 @@ def test_zero_nonfinite_forward_skips_update(tiny_path):
         assert torch.equal(v, snap[k]) or (torch.isinf(v).any() and k.endswith("embed_tokens.weight")), k
 
 
-def test_zero_checkpoint_round_trip_resumes_exactly(tiny_path, tmp_path):
-    cfg = {"zero_optimization": {"stage": 2}}
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_checkpoint_round_trip_resumes_exactly(tiny_path, tmp_path, stage):
+    """ZeRO-2/3: the checkpoint holds the full weights and this rank's optimizer shard (fp32
+    masters + Adam moments, safetensors); a resume continues exactly (moments included)."""
+    from safetensors.torch import load_file
+
+    cfg = {"zero_optimization": {"stage": stage}}
     first = _learner(tiny_path, cfg)
-    groups = _groups(first.model)
+    groups = _groups(load_model(tiny_path))  # scored by unpartitioned weights
+    first.step(groups)
+    first.save_checkpoint(tmp_path, step=1, version=1, extra={"learner": first.state()})
+    shard = tmp_path / "step_000001" / "zero_rank000_of_001.safetensors"
+    assert shard.is_file() and not (tmp_path / "step_000001" / "optimizer.safetensors").is_file()
+    moments = load_file(str(shard))
+    assert float(moments["0.exp_avg_sq"].abs().max()) > 0, "Adam's second moment is saved"
     first.step(groups)
     with first.full_params():
-        save_checkpoint(tmp_path, step=1, version=1, model=first.model, optimizer=first.checkpoint_optimizer(),
-                        scheduler=first.scheduler, extra={"learner": first.state()})
-    assert (tmp_path / "step_000001" / "optimizer.safetensors").is_file()
-    first.step(groups)
-    expected = _params(first.model)
+        expected = _params(first.model)
 
     resumed = _learner(tiny_path, cfg)  # fresh init, different from the checkpoint
-    ck = latest_checkpoint(tmp_path)
-    with resumed.full_params(modify=True):
-        loaded = load_checkpoint(ck, model=resumed.model, optimizer=resumed.checkpoint_optimizer(),
-                                 scheduler=resumed.scheduler)
-    resumed.weights_loaded()
-    resumed.load_state(loaded.state["extra"]["learner"])
-    assert resumed.step_index == 1
+    loaded = resumed.restore(latest_checkpoint(tmp_path))
+    assert loaded.step == 1 and resumed.step_index == 1
     resumed.step(groups)
-    for k, v in _params(resumed.model).items():
+    with resumed.full_params():
+        got = _params(resumed.model)
+    for k, v in got.items():
         torch.testing.assert_close(v, expected[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_zero_shard_of_another_world_size_is_refused(tiny_path, tmp_path):
+    first = _learner(tiny_path, {"zero_optimization": {"stage": 2}})
+    path = first.save_checkpoint(tmp_path, step=1, version=1, extra={})
+    (path / "zero_rank000_of_001.safetensors").rename(path / "zero_rank000_of_002.safetensors")
+    with pytest.raises(ValueError, match="none for rank 0 of 1"):
+        _learner(tiny_path, {"zero_optimization": {"stage": 2}}).restore(path)
 
 
 TWO_RANKS = r"""
@@ -151,10 +163,11 @@ if int(os.environ["RANK"]) == 0:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [3])
+@pytest.mark.parametrize("stage", [2, 3])
 def test_two_ranks_torchrun_equal_plain(tiny_path, tmp_path, stage):
-    """Two gloo ranks (torchrun), ZeRO-3: parameters, gradients and optimizer state sharded;
-    the gathered weights after one step equal the single-process plain step."""
+    """Two gloo ranks (torchrun), ZeRO-2/3: each rank runs half of every mini-batch's micro-batches,
+    gradients (and under ZeRO-3 parameters) and optimizer state are sharded; the gathered weights
+    after one step equal the single-process plain step on the same batch within 2e-5."""
     from safetensors.torch import load_file
 
     from services.launcher import free_port
@@ -173,33 +186,10 @@ def test_two_ranks_torchrun_equal_plain(tiny_path, tmp_path, stage):
     got = load_file(str(out))
     want = _params(plain.model)
     assert set(got) <= set(want) and "model.embed_tokens.weight" in got
-    # Adam's first update is about lr * sign(g): where |g| ~ eps, the ranks' different reduction
-    # order may move a single element by a fraction of one update (lr = 1e-3).
+    init = _params(load_model(tiny_path))
+    moved = max(float((v - init[k]).abs().max()) for k, v in got.items())
+    assert moved > 5e-4, "the step must move the weights well beyond the tolerance"
     for k, v in got.items():
         diff = (v - want[k]).abs()
-        assert float(diff.max()) < 1e-4, (k, float(diff.max()))
-        assert float(diff.mean()) < 1e-7, (k, float(diff.mean()))
+        assert float(diff.max()) < 2e-5, (k, float(diff.max()))
 
-
-def test_zero3_checkpoint_restores_full_weights(tiny_path, tmp_path):
-    """ZeRO-3: the checkpoint holds the gathered full weights (safetensors) and no optimizer state;
-    a resume writes them back into the partitions (Adam moments restart, by design)."""
-    cfg = {"zero_optimization": {"stage": 3}}
-    first = _learner(tiny_path, cfg)
-    first.step(_groups(plain_model := load_model(tiny_path)))
-    assert first.checkpoint_optimizer() is None
-    with first.full_params():
-        save_checkpoint(tmp_path, step=1, version=1, model=first.model, optimizer=None, scheduler=first.scheduler)
-        saved = _params(first.model)
-    assert not (tmp_path / "step_000001" / "optimizer.safetensors").is_file()
-    resumed = _learner(tiny_path, cfg)
-    with resumed.full_params(modify=True):
-        load_checkpoint(latest_checkpoint(tmp_path), model=resumed.model, scheduler=resumed.scheduler)
-    resumed.weights_loaded()
-    with resumed.full_params():
-        got = _params(resumed.model)
-    for k, v in saved.items():
-        assert torch.equal(got[k], v), k
-    moved = max(float((saved[k] - v).abs().max()) for k, v in plain_model.state_dict().items() if k in saved)
-    assert moved > 1e-4, "the checkpoint holds trained weights, not the initial ones"
-    assert resumed.step(_groups(plain_model)).applied_updates == 2

@@ -120,7 +120,17 @@ def metric_names_in_dashboard(path: str | Path) -> set[str]:
 
 
 def parse_serve(argv: list[str]) -> dict[str, Any]:
-    """Parse a container command with the real `rlrt serve` click command; returns its params."""
+    """Parse a container command with the real `rlrt serve` click command; returns its params.
+    A learner under `torchrun ... --no-python rlrt serve learner ...` (its ranks) is parsed too,
+    its torchrun options with torch's own parser."""
+    if argv[:1] == ["torchrun"]:
+        from torch.distributed.run import get_args_parser
+
+        args = get_args_parser().parse_args(argv[1:])
+        assert args.standalone and args.no_python and args.max_restarts >= 1, argv
+        assert args.nproc_per_node in ("${RLRT_LEARNER_GPUS:-1}", "$(RLRT_LEARNER_GPUS)", "1"), args.nproc_per_node
+        argv = [args.training_script, *args.training_script_args]
+        assert argv[2] == "learner", "only the learner runs several ranks"
     assert argv[:2] == ["rlrt", "serve"], f"not an `rlrt serve` invocation: {argv}"
     group = typer.main.get_command(cli_app)
     serve = group.commands.get("serve")  # type: ignore[attr-defined]
@@ -633,7 +643,7 @@ def test_compose_gpu_override():
     validate_compose(merged)
     for name in ("learner", "rollout", "teacher"):
         (dev,) = merged["services"][name]["deploy"]["resources"]["reservations"]["devices"]
-        assert dev["driver"] == "nvidia" and dev["capabilities"] == ["gpu"] and dev["count"] == 1
+        assert dev["driver"] == "nvidia" and dev["capabilities"] == ["gpu"] and int(dev["count"]) == 1
         assert merged["services"][name]["build"]["dockerfile"] == "deploy/docker/Dockerfile.gpu"
         parse_serve(merged["services"][name]["command"])
         # the GPU environment is added to, not replacing, the shared environment

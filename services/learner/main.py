@@ -2,6 +2,9 @@
 under staleness admission, collect, train, commit, checkpoint, recover) that wires it to
 Redis, the gRPC weight server and the admin app.
 
+Under `torchrun --nproc-per-node N` (with `learner.deepspeed` set) rank 0 is this service and
+ranks 1..N-1 follow it (`rlrt_core.learner_ranks`): they train their share of every step.
+
 The weight server binds its own port (`transport.weights_port`, 0 = any free one; a taken
 fixed port is retried, then reported) and every announcement carries the address it serves
 on, so workers find it without the launcher guessing ports.
@@ -22,6 +25,7 @@ from rlrt_core.config import RunConfig
 from rlrt_core.data import load_problems
 from rlrt_core.learner import PolicyLearner
 from rlrt_core.learner_loop import LearnerLoop, StopRequested
+from rlrt_core.learner_ranks import RankedLearner, RankLost, follower_main, rank_device
 from rlrt_core.models import load_model
 from services.common.admin import ActionRefused
 from services.common.runtime import ServiceRuntime
@@ -69,9 +73,21 @@ def start_weight_server(cfg: RunConfig, *, attempts: int = 20, delay_s: float = 
 def run(cfg: RunConfig, worker: str) -> int:
     from rlrt_core.weights.announce import announce_version, read_announced_version
 
+    lc = cfg.learner
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world > 1 and lc.deepspeed is None:
+        log.error("WORLD_SIZE=%d: several learner ranks need learner.deepspeed (ZeRO shards the step across "
+                  "them); set it, or run one process", world)
+        return 2
+    if rank > 0:  # a follower: no Redis, no ports; rank 0 sends it every step
+        from services.common.runtime import setup_logging
+
+        setup_logging(f"{worker}-rank{rank}")
+        torch.manual_seed(lc.seed)
+        random.seed(lc.seed)
+        return follower_main(cfg)
     rt = ServiceRuntime("learner", cfg, worker)
     rt.install_signal_handlers()
-    lc = cfg.learner
     torch.manual_seed(lc.seed)
     random.seed(lc.seed)
     holder: dict[str, LearnerLoop] = {}
@@ -111,20 +127,24 @@ def run(cfg: RunConfig, worker: str) -> int:
         log.error("the data set is empty: nothing to train on")
         rt.close()
         return 2
-    model = load_model(cfg.model.path, dtype=cfg.model.dtype, device=lc.device, cache_dir=cfg.model.cache_dir)
-    if lc.deepspeed is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Only one process reads Redis; ranks would need the same groups each step.
-        log.error("learner.deepspeed: this service runs one rank (WORLD_SIZE>1 given); multi-rank ZeRO is "
-                  "available to rlrt_core.learner.PolicyLearner callers that feed every rank the same groups")
-        rt.close()
-        return 2
-    learner = PolicyLearner(model, lc, cfg.algorithm, temperature=cfg.rollout.temperature, device=lc.device)
+    device = rank_device(lc.device)
+    model = load_model(cfg.model.path, dtype=cfg.model.dtype, device=device, cache_dir=cfg.model.cache_dir)
+    vocab_size = int(model.get_output_embeddings().weight.shape[0])  # before ZeRO-3 partitions it (shape 0)
+    learner = PolicyLearner(model, lc, cfg.algorithm, temperature=cfg.rollout.temperature, device=device)
+    if world > 1:
+        learner = RankedLearner(learner)
     try:
         server = start_weight_server(cfg)
     except RuntimeError as err:
         log.error("%s", err)
+        if isinstance(learner, RankedLearner):
+            learner.close()
         rt.close()
         return 2
+    except BaseException:
+        if isinstance(learner, RankedLearner):
+            learner.close()  # the followers exit instead of waiting dist_timeout_s for us
+        raise
     address = f"{advertised_host(cfg)}:{server.port}"
     log.info("weight server listening on %s:%d (announced as %s)", cfg.transport.weights_host, server.port, address)
 
@@ -134,7 +154,7 @@ def run(cfg: RunConfig, worker: str) -> int:
     loop = LearnerLoop(cfg, learner, problems, bus=rt.bus, weights=server, announce=announce,
                        read_announced=lambda: read_announced_version(rt.redis, cfg.run_name,
                                                                      prefix=cfg.transport.stream_prefix),
-                       worker=worker, vocab_size=int(model.get_output_embeddings().weight.shape[0]),
+                       worker=worker, vocab_size=vocab_size,
                        metrics=rt.metrics, on_progress=rt.progressed, on_wait=rt.wait_for, stop=rt.stop_event)
     holder["loop"] = loop
     rt.extra_heartbeat = lambda: {"version": loop.version, "step": loop.step}
@@ -155,7 +175,12 @@ def run(cfg: RunConfig, worker: str) -> int:
     except StopRequested as stop:
         log.warning("stopped while waiting for %s: the step is not committed; a restart re-trains it", stop)
         code = 0
+    except RankLost as lost:
+        log.error("%s; exiting for a restart of every rank (it resumes from the last checkpoint)", lost)
+        code = 1
     finally:
+        if isinstance(learner, RankedLearner):
+            learner.close(stop_followers=code == 0)
         server.stop(grace_s=2.0)
         rt.close()
     log.info("finished at step %d (version %d)", loop.step, loop.version)
