@@ -140,6 +140,8 @@ class PolicyLearner:
     def __init__(self, model: torch.nn.Module, learner_cfg: LearnerConfig, algo_cfg: AlgorithmConfig,
                  *, temperature: float = 1.0, device: str | torch.device = "cpu") -> None:
         self.model = model
+        # Read before DeepSpeed may partition the weights (ZeRO-3 leaves empty shapes behind).
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.cfg = learner_cfg
         self.algo = algo_cfg
         self.temperature = temperature
@@ -266,7 +268,7 @@ class PolicyLearner:
     def _check_support(self, groups: Sequence[TrainGroup]) -> None:
         """ValueError naming the group when a sample's support rows do not fit its response or
         the vocabulary (checked before any compute, so a bad group never half-updates)."""
-        vocab = self.model.get_output_embeddings().weight.shape[0]
+        vocab = self.vocab_size
         for g in groups:
             for i, s in enumerate(g.samples):
                 if (s.support_ids is None) != (s.teacher_support_logprobs is None):
