@@ -372,9 +372,11 @@ class WeightClient:
         call = self._stub.StreamWeights(request, metadata=self._metadata, timeout=self.timeout_s)
         return WeightStream(call, self.target, held=base, keep=keep)
 
-    def pull(self, version: int | None = None, held: HeldVersion | None = None) -> Pull:
-        """A whole, verified version as a `HeldVersion`: a delta from `held` when given and the
-        server can (rebuilt in place: `held` is consumed either way), else in full. The
+    def pull(self, version: int | None = None, held: HeldVersion | None = None, *,
+             encodings: tuple[str, ...] = deltas.ENCODINGS) -> Pull:
+        """A whole, verified version as a `HeldVersion`: a delta from `held` (in one of
+        `encodings`) when given and the server can (rebuilt in place: `held` is consumed
+        either way), else in full. The
         checksum is verified before this returns; nothing needs discarding afterwards."""
         if held is None:
             stream = self.stream(version, keep=True)
@@ -383,7 +385,7 @@ class WeightClient:
             return Pull(stream.kept, "full", stream.bytes_received)
         delta_stream: WeightStream | None = None
         try:
-            delta_stream = self.stream(version, base=held, keep=True)
+            delta_stream = self.stream(version, base=held, keep=True, encodings=encodings)
             for _ in delta_stream:
                 pass
             received = delta_stream.bytes_received
