@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import os
 import threading
 import time
@@ -71,7 +72,14 @@ def egress(server: WeightServer, clients: list[WeightClient], version: int, held
     kinds: list[str] = [""] * len(clients)
 
     def run(i: int) -> None:
-        kinds[i] = clients[i].pull(version, held=helds[i], **kw).kind
+        if helds[i] is None:  # a full pull, not kept (N full copies would not fit this box)
+            stream = clients[i].stream(version)
+            for _ in stream:
+                pass
+            kinds[i] = "full"
+        else:
+            kinds[i] = clients[i].pull(version, held=helds[i], **kw).kind
+            helds[i] = None
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(clients))]
     t0 = time.perf_counter()
@@ -149,8 +157,17 @@ def main() -> None:
                   f"sparse {rows['delta bf16 sparse'][-1][0] / 1e6:.1f} MB, full bf16 "
                   f"{rows['full bf16'][-1][0] / 1e6:.1f} MB", flush=True)
 
+        print()
+        print_versions(rows, publish_s, fractions)
+        print(flush=True)
         # Learner egress for the last version: N clients pull it at once, as N workers would
-        # (no relay: every worker pulls from the learner).
+        # (no relay: every worker pulls from the learner). Free what the steps needed first:
+        # N held copies of the base come on top (the shared box has little memory to spare).
+        del model, opt, held_x, held_s, p, spare
+        s32.stop()
+        s32._versions.clear()
+        s32._latest = s32._spare = None
+        gc.collect()
         last = args.steps
         egress_rows = []
         clients = [WeightClient(s16.address, token=TOKEN) for _ in range(4)]
@@ -164,11 +181,12 @@ def main() -> None:
         finally:
             for c in clients:
                 c.close()
+    print_egress(egress_rows)
     print()
-    print_table(rows, publish_s, fractions, n_params, egress_rows)
+    print_scaled(rows, n_params)
 
 
-def print_table(rows, publish_s, fractions, n_params, egress_rows) -> None:
+def print_versions(rows, publish_s, fractions) -> None:
     full16 = np.mean([b for b, _ in rows["full bf16"]])
     print(f"per version, mean of {len(fractions)} steps (bf16 values changed per step: "
           f"{', '.join(f'{f:.2%}' for f in fractions)})")
@@ -179,14 +197,19 @@ def print_table(rows, publish_s, fractions, n_params, egress_rows) -> None:
         print(f"{name:34s} {b / 1e6:11.2f} {full16 / b:23.1f} {sec:10.2f} {b / 1e6 / sec:8.1f}")
     print(f"learner publish (copy + cast): fp32 {np.mean(publish_s['fp32']):.2f} s, "
           f"bf16 {np.mean(publish_s['bf16']):.2f} s per version")
-    print()
+
+
+def print_egress(egress_rows) -> None:
     print(f"{'learner egress, last version':34s} {'clients':>7s} {'MB sent':>9s} {'x one copy':>10s} {'s':>7s}")
     one = {}
     for name, n, sent, sec, kinds in egress_rows:
         one.setdefault(name, sent)
         assert len(set(kinds)) == 1, kinds
-        print(f"{name:34s} {n:7d} {sent / 1e6:9.2f} {sent / one[name]:10.2f} {sec:7.2f}")
-    print()
+        print(f"{name:34s} {n:7d} {sent / 1e6:9.2f} {sent / one[name]:10.2f} {sec:7.2f}", flush=True)
+
+
+def print_scaled(rows, n_params) -> None:
+    full16 = float(np.mean([b for b, _ in rows["full bf16"]]))
     delta = float(np.mean([x for x, _ in rows["delta bf16 xor-zstd"]]))
     print(f"scaled by published elements (bytes per element here: full bf16 {full16 / n_params:.2f}, "
           f"delta bf16 {delta / n_params:.3f})")
