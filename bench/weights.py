@@ -213,11 +213,12 @@ def print_scaled(rows, n_params) -> None:
     delta = float(np.mean([x for x, _ in rows["delta bf16 xor-zstd"]]))
     print(f"scaled by published elements (bytes per element here: full bf16 {full16 / n_params:.2f}, "
           f"delta bf16 {delta / n_params:.3f})")
-    print(f"{'model':12s} {'full fp32 GB':>12s} {'full bf16 GB':>12s} {'delta bf16 GB':>13s}")
+    sparse = float(np.mean([x for x, _ in rows["delta bf16 sparse"]]))
+    print(f"{'model':12s} {'full fp32 GB':>12s} {'full bf16 GB':>12s} {'delta xor-zstd GB':>17s} {'delta sparse GB':>15s}")
     full32 = float(np.mean([x for x, _ in rows["full fp32"]]))
     for name, n in SCALES.items():
         print(f"{name:12s} {full32 / n_params * n / 1e9:12.2f} {full16 / n_params * n / 1e9:12.2f} "
-              f"{delta / n_params * n / 1e9:13.3f}")
+              f"{delta / n_params * n / 1e9:17.3f} {sparse / n_params * n / 1e9:15.3f}")
 
 
 if __name__ == "__main__":

@@ -259,8 +259,8 @@ class TransportConfig(_Section):
     # Workers keep the bytes of the version they hold (one full version in host memory) and
     # ask for the next one as a delta from it (protos/rlrt/v1/weights.proto, wire format 2).
     weights_delta: bool = True
-    weights_delta_encoding: Literal["xor-zstd", "sparse"] = Field(
-        "xor-zstd", description="how the weight server encodes deltas (bench/weights.py compares them)")
+    weights_delta_encoding: Literal["sparse", "xor-zstd"] = Field(
+        "sparse", description="how the weight server encodes deltas (bench/weights.py compares them)")
 
 
 class MetricsConfig(_Section):

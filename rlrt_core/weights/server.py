@@ -304,7 +304,7 @@ class WeightServer:
     see `.port` after `start`). keep_versions: versions kept for clients still pulling.
     chunk_bytes: largest tensor piece per message (clients may ask for less).
     tls_cert / tls_key: PEM paths; both set = TLS. delta_encoding: the encoding of delta
-    streams ("xor-zstd" | "sparse"; the other when a client does not decode it).
+    streams ("sparse" | "xor-zstd"; the other when a client does not decode it).
     encode_threads: threads that encode the tensors of one delta.
 
     `bytes_sent` counts tensor payload bytes sent over all streams (the learner's egress);
@@ -313,7 +313,7 @@ class WeightServer:
 
     def __init__(self, *, token: str, host: str = "127.0.0.1", port: int = 0, keep_versions: int = 2,
                  chunk_bytes: int = 4 << 20, tls_cert: str | None = None, tls_key: str | None = None,
-                 max_workers: int = 8, delta_encoding: str = "xor-zstd", encode_threads: int = 4) -> None:
+                 max_workers: int = 8, delta_encoding: str = "sparse", encode_threads: int = 4) -> None:
         if delta_encoding not in deltas.ENCODINGS:
             raise ValueError(f"delta_encoding must be one of {', '.join(deltas.ENCODINGS)}, got {delta_encoding!r}")
         if not token:
