@@ -257,6 +257,14 @@ class TransportConfig(_Section):
     weights_advertise: str | None = None
     weights_timeout_s: float = Field(600.0, gt=0.0, description="deadline for streaming one whole version")
     weights_rpc_timeout_s: float = Field(10.0, gt=0.0, description="deadline of the small weight RPCs")
+    # dtype of published weights: "auto" = the rollout engine's (rollout.vllm.dtype for vLLM
+    # when not "auto", else model.dtype); see RunConfig.weights_publish_dtype.
+    weights_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Workers keep the bytes of the version they hold (one full version in host memory) and
+    # ask for the next one as a delta from it (protos/rlrt/v1/weights.proto, wire format 2).
+    weights_delta: bool = True
+    weights_delta_encoding: Literal["sparse", "xor-zstd"] = Field(
+        "sparse", description="how the weight server encodes deltas (bench/weights.py compares them)")
 
 
 class MetricsConfig(_Section):
@@ -347,6 +355,18 @@ class RunConfig(_Section):
         if self.teacher.context is None:
             self.teacher.context = self.algorithm.spec.context
         return self
+
+    def weights_publish_dtype(self) -> str:
+        """The dtype the learner publishes weights in: `transport.weights_dtype`, where
+        "auto" means the rollout engine's dtype (rollout.vllm.dtype when the engine is vLLM
+        and that is not "auto", else model.dtype). Engines cast on load, so a teacher or an
+        engine in another dtype still loads them."""
+        t = self.transport.weights_dtype
+        if t != "auto":
+            return t
+        if self.rollout.engine == "vllm" and self.rollout.vllm.dtype != "auto":
+            return self.rollout.vllm.dtype
+        return self.model.dtype
 
 
 def check_in_flight_bound(max_staleness: int, groups_per_step: int, stream_maxlen: int) -> None:

@@ -273,8 +273,9 @@ class LearnerLoop:
     def _publish(self, version: int) -> None:
         t0 = time.perf_counter()
         with self.learner.full_params():
-            weights = {k: v.detach().to("cpu") for k, v in self.model.state_dict().items()}
-        self.weights.publish(version, weights)
+            # Straight from the (gathered) parameters into the version buffer, cast to the
+            # engines' dtype on that one copy: no full-size CPU staging copy.
+            self.weights.publish(version, self.model.state_dict(), dtype=self.cfg.weights_publish_dtype())
         if self.m is not None:
             self.m.learner_weight_version.set(version)
             self.m.weight_publish_seconds.observe(time.perf_counter() - t0)

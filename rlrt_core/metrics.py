@@ -4,7 +4,7 @@ Conventions (checked by tests/test_metrics_defs.py):
 - names start with `rlrt_`, then the owning subsystem (`rollout`, `verifier`, `teacher`,
   `learner`, `bus`) or nothing for metrics every service exports;
 - a metric with a unit ends in that unit in plural base form (`_seconds`, `_tokens`,
-  `_nats`, `_messages`, `_versions`; `_ratio` for fractions in [0, 1]); counters end in
+  `_nats`, `_messages`, `_versions`, `_bytes`; `_ratio` for fractions in [0, 1]); counters end in
   `_total` (after the unit);
 - every series carries the constant labels `service`, `run`, `worker`, filled in once by
   `service_metrics(...)`; a metric has at most one more label, and where the values of that
@@ -116,6 +116,12 @@ METRICS: tuple[MetricSpec, ...] = (
        "Policy weight version the engine currently generates with."),
     _h("weight_load_seconds", "rlrt_rollout_weight_load_seconds", "seconds", R,
        "Time to fetch a new weight version and load it into the engine."),
+    _c("weight_pulls", "rlrt_rollout_weight_pulls_total", "", R,
+       "Weight versions pulled, by kind: full (no version held), delta (rebuilt from the held one), "
+       "fallback (a delta was refused or failed its checks, and the version came in full).",
+       label="kind", label_values=("full", "delta", "fallback")),
+    _c("weight_received_bytes", "rlrt_rollout_weight_received_bytes_total", "bytes", R,
+       "Weight payload bytes received from the weight server (deltas as encoded)."),
     _h("generate_seconds", "rlrt_rollout_generate_seconds", "seconds", R,
        "Wall time of one engine generate call (a batch of prompt groups)."),
     _c("engine_busy_seconds", "rlrt_rollout_engine_busy_seconds_total", "seconds", R,
@@ -155,6 +161,12 @@ METRICS: tuple[MetricSpec, ...] = (
        "Policy weight version the teacher scores with."),
     _h("teacher_weight_load_seconds", "rlrt_teacher_weight_load_seconds", "seconds", T,
        "Time to fetch and load a new weight version into the scoring model."),
+    _c("weight_pulls", "rlrt_teacher_weight_pulls_total", "", T,
+       "Weight versions pulled, by kind: full (no version held), delta (rebuilt from the held one), "
+       "fallback (a delta was refused or failed its checks, and the version came in full).",
+       label="kind", label_values=("full", "delta", "fallback")),
+    _c("weight_received_bytes", "rlrt_teacher_weight_received_bytes_total", "bytes", T,
+       "Weight payload bytes received from the weight server (deltas as encoded)."),
     _h("score_seconds", "rlrt_teacher_score_seconds", "seconds", T,
        "Wall time to score one batch of rollout groups under both views."),
     # -- learner -------------------------------------------------------------------------
@@ -337,6 +349,8 @@ class RolloutMetrics(ServiceMetrics):
     groups: Counter
     weight_version: Gauge
     weight_load_seconds: Histogram
+    weight_pulls: LabelledMetric
+    weight_received_bytes: Counter
     generate_seconds: Histogram
     engine_busy_seconds: Counter
     engine_busy: Gauge
@@ -360,6 +374,8 @@ class TeacherMetrics(ServiceMetrics):
     position_asym_p90: Gauge
     teacher_weight_version: Gauge
     teacher_weight_load_seconds: Histogram
+    weight_pulls: LabelledMetric
+    weight_received_bytes: Counter
     score_seconds: Histogram
 
 

@@ -28,10 +28,12 @@ class WeightSink:
 
     def __init__(self) -> None:
         self.versions: list[int] = []
+        self.dtypes: list[str | None] = []
 
-    def publish(self, version: int, state_dict) -> None:
+    def publish(self, version: int, state_dict, *, dtype: str | None = None) -> None:
         assert state_dict and all(v.device.type == "cpu" for v in state_dict.values())
         self.versions.append(version)
+        self.dtypes.append(dtype)
 
 
 def _cfg(tmp_path, **learner):
@@ -109,6 +111,7 @@ def test_staleness_accounting(tmp_path, max_staleness):
     else:  # workers used the oldest allowed weights: some groups really were stale
         assert max(r["staleness/max"] for r in rows) >= 1
     assert h.sink.versions == [0, 1, 2, 3, 4, 5] and h.announced == [0, 1, 2, 3, 4, 5]
+    assert set(h.sink.dtypes) == {"float32"}  # tiny recipe: torch engine, model.dtype float32
     h.check_identity()
 
 

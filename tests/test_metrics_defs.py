@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from rlrt_core import metrics as M
 
 ROOT = Path(__file__).resolve().parents[1]
-UNITS = {"", "seconds", "tokens", "nats", "messages", "versions", "ratio", "tokens_per_second"}
+UNITS = {"", "seconds", "tokens", "nats", "messages", "versions", "bytes", "ratio", "tokens_per_second"}
 NAME_RE = re.compile(r"^rlrt_[a-z][a-z0-9_]*[a-z0-9]$")
 
 

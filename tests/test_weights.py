@@ -304,3 +304,207 @@ def test_evicted_buffers_are_reused_only_when_unread(server: WeightServer, tmp_p
     from safetensors.torch import load_file
 
     assert_same(load_file(path), {k: v.contiguous() for k, v in _with_big(4).items()})
+
+
+# --------------------------------------------------------------------------------------
+# Publish dtype (transport.weights_dtype)
+
+
+def test_publish_bf16_round_trip(server: WeightServer) -> None:
+    sd = small_state()
+    server.publish(1, sd, dtype="bfloat16")
+    want = {k: v.bfloat16() if v.is_floating_point() else v for k, v in sd.items()}  # ints and bools kept
+    with client_for(server) as c:
+        info = c.version_info()
+        assert info.total_bytes == sum(t.numel() * t.element_size() for t in want.values())
+        pulled = c.pull(1)
+        assert pulled.kind == "full" and pulled.held.checksum == info.checksum == server.checksum(1)
+        # the checksum covers the published (bf16) bytes
+        assert pulled.held.compute_checksum() == info.checksum
+        assert_same(dict(pulled.held.items()), want)
+    with pytest.raises(ValueError, match="publish dtype"):
+        server.publish(2, sd, dtype="int8")
+
+
+def test_engine_loads_bf16_weights_into_fp32_model(server: WeightServer) -> None:
+    from rlrt_core.engines.torch_engine import TorchEngine
+
+    engine = TorchEngine("tiny", dtype="float32")
+    src = _trained_versions(2)[1]  # a trained tiny model (tied embeddings stay tied)
+    server.publish(1, src, dtype=torch.bfloat16)
+    with client_for(server) as c:
+        pulled = c.pull()
+    engine.load_weights(pulled.held.items(), pulled.version)
+    assert engine.version == 1
+    params = dict(engine.model.named_parameters())
+    for name, p in params.items():
+        assert p.dtype == torch.float32
+        assert torch.equal(p.detach(), src[name].bfloat16().float()), name  # exactly the bf16 values
+        assert torch.allclose(p.detach(), src[name], rtol=2 ** -8, atol=0), name  # within bf16 precision
+
+
+def test_publish_dtype_follows_the_rollout_engine() -> None:
+    from rlrt_core.config import RunConfig
+
+    assert RunConfig().weights_publish_dtype() == "float32"  # torch engine, model.dtype
+    assert RunConfig(model={"dtype": "bfloat16"}).weights_publish_dtype() == "bfloat16"
+    vllm = {"engine": "vllm", "vllm": {"dtype": "bfloat16"}}
+    assert RunConfig(rollout=vllm).weights_publish_dtype() == "bfloat16"
+    assert RunConfig(rollout={"engine": "vllm"}).weights_publish_dtype() == "float32"  # vllm "auto": model.dtype
+    assert RunConfig(rollout=vllm, transport={"weights_dtype": "float16"}).weights_publish_dtype() == "float16"
+
+
+# --------------------------------------------------------------------------------------
+# Delta versions (wire format 2)
+
+
+def _trained_versions(n: int, lr: float = 2e-5) -> list[dict[str, torch.Tensor]]:
+    """State dicts of the tiny model after 0..n-1 real AdamW steps on a language-model loss."""
+    from rlrt_core.models import load_model
+
+    torch.manual_seed(0)
+    model = load_model("tiny").train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    ids = torch.randint(0, int(model.config.vocab_size), (2, 24), generator=torch.Generator().manual_seed(0))
+    out = [{k: v.detach().clone() for k, v in model.state_dict().items()}]
+    for _ in range(n - 1):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        out.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    return out
+
+
+@pytest.mark.parametrize("encoding", ["sparse", "xor-zstd"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_delta_equals_full_bit_for_bit(encoding: str, dtype: str) -> None:
+    versions = _trained_versions(4)
+    with WeightServer(token=TOKEN, chunk_bytes=4096, keep_versions=2, delta_encoding=encoding) as s, \
+            client_for(s) as c:
+        s.publish(1, versions[0], dtype=dtype)
+        held = c.pull(1).held
+        sent_before = s.bytes_sent
+        for v in (2, 3, 4):
+            s.publish(v, versions[v - 1], dtype=dtype)
+            pulled = c.pull(v, held=held)
+            assert pulled.kind == "delta" and pulled.version == v and pulled.held is held
+            full = c.pull(v)  # the same version in full, for comparison
+            assert full.kind == "full" and full.held.checksum == pulled.held.checksum == s.checksum(v)
+            assert [(t.name, t.dtype, t.shape, bytes(t.raw)) for t in held.tensors] == \
+                [(t.name, t.dtype, t.shape, bytes(t.raw)) for t in full.held.tensors]
+            # bf16: most values keep their rounding after a step at this lr; fp32: every value
+            # moves, but only in the low mantissa bits
+            assert pulled.bytes_received < full.bytes_received * (0.5 if dtype == "bfloat16" else 0.9)
+            assert s.streams["delta"] == v - 1
+        assert s.bytes_sent > sent_before
+        # the engine would get exactly the published tensors
+        want = {k: t.to(getattr(torch, dtype)) for k, t in versions[3].items()}
+        assert_same(dict(held.items()), want)
+
+
+def test_delta_is_encoded_once_per_pair() -> None:
+    versions = _trained_versions(2)
+    with WeightServer(token=TOKEN, keep_versions=2) as s, client_for(s) as a, client_for(s) as b:
+        s.publish(1, versions[0], dtype="bfloat16")
+        held_a, held_b = a.pull().held, b.pull().held
+        s.publish(2, versions[1], dtype="bfloat16")
+        pa, pb = a.pull(2, held=held_a), b.pull(2, held=held_b)
+        assert pa.kind == pb.kind == "delta" and pa.bytes_received == pb.bytes_received
+        assert list(s._deltas) == [(1, 2, "sparse")]
+        s.publish(3, versions[1], dtype="bfloat16")  # evicts version 1, and its delta
+        assert list(s._deltas) == []
+
+
+def test_delta_falls_back_when_the_base_is_not_kept(server: WeightServer) -> None:
+    versions = _trained_versions(3)
+    with client_for(server) as c:
+        server.publish(1, versions[0])
+        held = c.pull().held
+        server.publish(2, versions[1])
+        server.publish(3, versions[2])  # keep_versions=2: version 1 is gone
+        pulled = c.pull(3, held=held)
+        assert pulled.kind == "fallback" and "base version 1 is not kept" in pulled.reason
+        assert pulled.held.checksum == server.checksum(3) and pulled.bytes_received == c.version_info().total_bytes
+        assert_same(dict(pulled.held.items()), versions[2])
+        # a base the server holds under another checksum is refused as well
+        stale = c.pull(2).held
+        stale.checksum = "0" * 64
+        assert c.pull(3, held=stale).reason.startswith("delta refused: base version 2 has another checksum")
+
+
+def test_delta_falls_back_on_a_corrupt_base(server: WeightServer) -> None:
+    versions = _trained_versions(2)
+    want = {k: v.bfloat16() for k, v in versions[1].items()}
+    with client_for(server) as c:
+        server.publish(1, versions[0], dtype="bfloat16")
+        held = c.pull().held
+        # The worker's copy rotted in an element the step does not change (a delta that sets
+        # the element's new value would repair it); it still claims version 1's checksum.
+        t = held.tensors[0]
+        same = torch.nonzero(torch.frombuffer(t.raw, dtype=torch.int16) == want[t.name].reshape(-1).view(torch.int16))
+        t.raw[2 * int(same[0])] ^= 0x10
+        server.publish(2, versions[1], dtype="bfloat16")
+        pulled = c.pull(2, held=held)
+        assert pulled.kind == "fallback" and "checksum mismatch" in pulled.reason
+        assert pulled.held is not held and pulled.held.checksum == server.checksum(2)
+        assert pulled.held.compute_checksum() == server.checksum(2)
+        assert_same(dict(pulled.held.items()), want)
+        assert pulled.bytes_received > c.version_info().total_bytes  # the failed delta plus the full version
+
+
+def test_delta_falls_back_on_a_corrupt_chunk(server: WeightServer) -> None:
+    versions = _trained_versions(2)
+    with client_for(server) as c:
+        server.publish(1, versions[0])
+        held, spare = c.pull().held, c.pull().held
+        server.publish(2, versions[1])
+        assert c.pull(2, held=spare).kind == "delta"  # computes and caches the delta of (1, 2)
+        payloads = server._deltas[(1, 2, "sparse")].result()
+        big = max(range(len(payloads)), key=lambda i: len(payloads[i][1]))
+        enc, data = payloads[big]
+        bad = bytearray(data)
+        bad[len(bad) // 2] ^= 0xFF  # fault injection: one flipped byte in what is sent
+        payloads[big] = (enc, bytes(bad))
+        pulled = c.pull(2, held=held)
+        assert pulled.kind == "fallback" and "undecodable" in pulled.reason
+        assert pulled.held.compute_checksum() == server.checksum(2)
+        assert_same(dict(pulled.held.items()), versions[1])
+
+
+def test_weight_sync_pulls_deltas_and_counts_them(rclient) -> None:
+    from rlrt_core.config import RunConfig
+    from rlrt_core.engines.torch_engine import TorchEngine
+    from rlrt_core.metrics import service_metrics
+    from rlrt_core.weights.announce import announce_version
+    from services.common.weight_sync import WeightSync
+
+    client, run = rclient
+    versions = _trained_versions(4)
+    engine = TorchEngine("tiny", dtype="float32")
+    m = service_metrics("rollout", run, "w0")
+    with WeightServer(token=TOKEN, keep_versions=2) as s:
+        cfg = RunConfig(run_name=run, transport={"weights_token": TOKEN, "weights_dtype": "bfloat16"})
+        sync = WeightSync(cfg, client, engine.load_weights, version=0, metrics=m)
+
+        def publish(v: int) -> None:
+            s.publish(v, versions[v - 1], dtype=cfg.weights_publish_dtype())
+            announce_version(client, run, v, address=s.address, checksum=s.checksum(v))
+
+        def pulls(kind: str) -> float:
+            return m.weight_pulls.labels(kind=kind)._value.get()
+
+        publish(1)
+        assert sync.sync() == 1 and sync.held.version == 1 and pulls("full") == 1
+        full_bytes = m.weight_received_bytes._value.get()
+        assert full_bytes == sync.held.nbytes
+        publish(2)
+        assert sync.sync() == 2 and pulls("delta") == 1 and engine.version == 2
+        assert 0 < m.weight_received_bytes._value.get() - full_bytes < full_bytes / 2
+        params = dict(engine.model.named_parameters())
+        for name, p in params.items():
+            assert torch.equal(p.detach(), versions[1][name].bfloat16().float()), name
+        publish(3)
+        publish(4)  # the worker missed version 3; its base (2) is evicted
+        assert sync.sync() == 4 and pulls("fallback") == 1 and sync.held.checksum == s.checksum(4)
+        assert (pulls("full"), pulls("delta")) == (1, 1)
+        sync.close()

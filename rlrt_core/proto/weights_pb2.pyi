@@ -25,15 +25,23 @@ class VersionInfo(_message.Message):
     def __init__(self, version: _Optional[int] = ..., total_bytes: _Optional[int] = ..., num_tensors: _Optional[int] = ..., checksum: _Optional[str] = ..., available_versions: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StreamWeightsRequest(_message.Message):
-    __slots__ = ("version", "chunk_bytes")
+    __slots__ = ("version", "chunk_bytes", "base_version", "base_checksum", "encodings", "wire_format")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    BASE_CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    ENCODINGS_FIELD_NUMBER: _ClassVar[int]
+    WIRE_FORMAT_FIELD_NUMBER: _ClassVar[int]
     version: int
     chunk_bytes: int
-    def __init__(self, version: _Optional[int] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+    base_version: int
+    base_checksum: str
+    encodings: _containers.RepeatedScalarFieldContainer[str]
+    wire_format: int
+    def __init__(self, version: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., base_version: _Optional[int] = ..., base_checksum: _Optional[str] = ..., encodings: _Optional[_Iterable[str]] = ..., wire_format: _Optional[int] = ...) -> None: ...
 
 class WeightChunk(_message.Message):
-    __slots__ = ("version", "requested_version", "name", "dtype", "shape", "offset", "tensor_bytes", "data", "tensor_index", "num_tensors", "final", "checksum")
+    __slots__ = ("version", "requested_version", "name", "dtype", "shape", "offset", "tensor_bytes", "data", "tensor_index", "num_tensors", "final", "checksum", "encoding", "base_version", "encoded_bytes", "wire_format")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     REQUESTED_VERSION_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +54,10 @@ class WeightChunk(_message.Message):
     NUM_TENSORS_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ENCODED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WIRE_FORMAT_FIELD_NUMBER: _ClassVar[int]
     version: int
     requested_version: int
     name: str
@@ -58,7 +70,11 @@ class WeightChunk(_message.Message):
     num_tensors: int
     final: bool
     checksum: str
-    def __init__(self, version: _Optional[int] = ..., requested_version: _Optional[int] = ..., name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., tensor_bytes: _Optional[int] = ..., data: _Optional[bytes] = ..., tensor_index: _Optional[int] = ..., num_tensors: _Optional[int] = ..., final: _Optional[bool] = ..., checksum: _Optional[str] = ...) -> None: ...
+    encoding: str
+    base_version: int
+    encoded_bytes: int
+    wire_format: int
+    def __init__(self, version: _Optional[int] = ..., requested_version: _Optional[int] = ..., name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., tensor_bytes: _Optional[int] = ..., data: _Optional[bytes] = ..., tensor_index: _Optional[int] = ..., num_tensors: _Optional[int] = ..., final: _Optional[bool] = ..., checksum: _Optional[str] = ..., encoding: _Optional[str] = ..., base_version: _Optional[int] = ..., encoded_bytes: _Optional[int] = ..., wire_format: _Optional[int] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()

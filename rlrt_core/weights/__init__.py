@@ -10,6 +10,9 @@ from rlrt_core.weights.announce import (
 )
 from rlrt_core.weights.client import (
     ChecksumMismatchError,
+    HeldTensor,
+    HeldVersion,
+    Pull,
     WeightClient,
     WeightServiceError,
     WeightStream,
@@ -18,7 +21,7 @@ from rlrt_core.weights.client import (
 from rlrt_core.weights.server import WeightServer, ensure_token_file, load_token
 
 __all__ = [
-    "Announcement", "ChecksumMismatchError", "WeightClient", "WeightServer", "WeightServiceError", "WeightStream",
+    "Announcement", "ChecksumMismatchError", "HeldTensor", "HeldVersion", "Pull", "WeightClient", "WeightServer", "WeightServiceError", "WeightStream",
     "WeightStreamError", "announce_version", "ensure_token_file", "load_token", "read_announced_version",
     "read_announcement", "wait_for_version",
 ]

@@ -7,6 +7,16 @@ change underneath without touching what is being served, and the same bytes can 
 written to disk (`write_safetensors`) for engines that load files. The last
 `keep_versions` versions are kept; versions are strictly increasing.
 
+Dtype: `publish(..., dtype=)` casts on that same copy (e.g. fp32 master weights published as
+bf16 for engines that serve bf16: half the bytes on every hop); the checksum covers the
+published bytes.
+
+Deltas (wire format 2, see protos/rlrt/v1/weights.proto and `delta`): a client that holds a
+kept version B asks for V as a delta from B. The encoded change of each (B, V) pair is
+computed once, by the first stream that needs it (tensors on a thread pool), and shared by
+every other stream that asks for it until B or V is evicted. A base that is not kept (or
+whose checksum differs from the client's), or a layout change, is answered with V in full.
+
 The learner's critical path is one memory copy: `publish` copies device tensors straight
 into the buffer and returns; the sha256 checksum is computed on a background thread
 (hashlib releases the GIL), since clients need it only with the last message of a
@@ -40,7 +50,8 @@ import torch
 
 from rlrt_core.proto import weights_pb2 as wpb
 from rlrt_core.proto import weights_pb2_grpc as wgrpc
-from rlrt_core.transport.codec import TORCH_TO_DTYPE, VersionHasher
+from rlrt_core.transport.codec import DTYPE_TO_TORCH, TORCH_TO_DTYPE, VersionHasher
+from rlrt_core.weights import delta as deltas
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +59,15 @@ AUTH_HEADER = "authorization"
 MD_VERSION = "x-rlrt-version"
 MD_REQUESTED = "x-rlrt-requested-version"
 MD_SUBSTITUTED = "x-rlrt-substituted"
+MD_ENCODING = "x-rlrt-encoding"            # "full" or "delta" (the whole stream)
+MD_BASE = "x-rlrt-base-version"            # the base of a delta stream, else -1
+MD_DELTA_REFUSED = "x-rlrt-delta-refused"  # why a delta request is answered in full
+WIRE_FORMAT = 2
 # Room for the chunk's name, shape and framing beside its data.
 MESSAGE_OVERHEAD = 1 << 20
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def max_message_bytes(chunk_bytes: int) -> int:
@@ -112,6 +130,10 @@ class _Version:
     def checksum(self) -> str:
         return self.checksum_future.result()
 
+    @property
+    def layout(self) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
+        return tuple((t.name, t.dtype, t.shape) for t in self.tensors)
+
 
 def _hash_version(buf: bytearray, tensors: tuple[_Tensor, ...]) -> str:
     hasher = VersionHasher()
@@ -123,9 +145,10 @@ def _hash_version(buf: bytearray, tensors: tuple[_Tensor, ...]) -> str:
 
 
 def _build_version(version: int, state_dict: Mapping[str, torch.Tensor], hasher: futures.Executor,
-                   spare: bytearray | None = None) -> _Version:
-    """Copy `state_dict` into one safetensors-format buffer (`spare` when its size fits);
-    checksum it on `hasher`."""
+                   spare: bytearray | None = None, dtype: torch.dtype | None = None) -> _Version:
+    """Copy `state_dict` into one safetensors-format buffer (`spare` when its size fits),
+    floating-point tensors cast to `dtype` (None = as they are) on that copy; checksum it
+    on `hasher`."""
     items = []
     header: dict[str, Any] = {}
     offset = 0
@@ -134,8 +157,9 @@ def _build_version(version: int, state_dict: Mapping[str, torch.Tensor], hasher:
             raise TypeError(f"state_dict[{name!r}] is a {type(t).__name__}, not a tensor")
         if t.dtype not in TORCH_TO_DTYPE:
             raise ValueError(f"state_dict[{name!r}] has dtype {t.dtype}, which has no safetensors name")
-        n = t.numel() * t.element_size()
-        header[name] = {"dtype": TORCH_TO_DTYPE[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        out = dtype if dtype is not None and t.is_floating_point() else t.dtype
+        n = t.numel() * out.itemsize
+        header[name] = {"dtype": TORCH_TO_DTYPE[out], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
         items.append((name, t, offset, n))
         offset += n
     header["__metadata__"] = {"rlrt_version": str(version)}
@@ -148,11 +172,12 @@ def _build_version(version: int, state_dict: Mapping[str, torch.Tensor], hasher:
     buf[8:base] = head
     tensors = []
     for name, t, off, n in items:
-        if n:
-            # One copy, device -> buffer (a CUDA tensor is not staged through another CPU copy).
-            dst = torch.frombuffer(buf, dtype=torch.uint8, count=n, offset=base + off)
-            dst.copy_(t.detach().contiguous().reshape(-1).view(torch.uint8))
         meta = header[name]
+        if n:
+            # One copy, device -> buffer, casting on the way (a CUDA tensor is not staged
+            # through another CPU copy; copy_ reads strided sources as they are).
+            dst = torch.frombuffer(buf, dtype=torch.uint8, count=n, offset=base + off)
+            dst.view(DTYPE_TO_TORCH[meta["dtype"]]).view(t.shape).copy_(t.detach())
         tensors.append(_Tensor(name, meta["dtype"], tuple(meta["shape"]), base + off, base + off + n))
     frozen = tuple(tensors)
     return _Version(version=version, buffer=buf, tensors=frozen, checksum_future=hasher.submit(_hash_version, buf, frozen),
@@ -209,37 +234,67 @@ class _Servicer(wgrpc.WeightServiceServicer):
         v = self._s._acquire(requested)
         if v is None:
             context.abort(grpc.StatusCode.NOT_FOUND, "no weight version has been published yet")
+        base: _Version | None = None
         try:
-            yield from self._send(v, requested, request, context)
+            payloads, refused = None, ""
+            if request.HasField("base_version"):
+                base, encoding, refused = self._s._acquire_base(request, v)
+                if base is not None:
+                    try:
+                        payloads = self._s._delta(base, v, encoding)
+                    except Exception as err:  # noqa: BLE001 - an encoder failure must not fail the pull
+                        log.exception("delta %d -> %d failed; sending the full version", base.version, v.version)
+                        refused = f"encoding failed: {err}"
+                        self._s._release(base)
+                        base, payloads = None, None
+            yield from self._send(v, requested, request, context, base, payloads, refused)
         finally:
             self._s._release(v)
+            if base is not None:
+                self._s._release(base)
 
-    def _send(self, v: _Version, requested: int, request: wpb.StreamWeightsRequest,
-              context: grpc.ServicerContext) -> Iterator[wpb.WeightChunk]:
+    def _send(self, v: _Version, requested: int, request: wpb.StreamWeightsRequest, context: grpc.ServicerContext,
+              base: _Version | None, payloads: list[tuple[str, bytes]] | None,
+              refused: str) -> Iterator[wpb.WeightChunk]:
         substituted = requested >= 0 and requested != v.version
         if substituted:
             log.info("version %d is not kept (have %s); streaming %d", requested, self._s.versions, v.version)
-        context.send_initial_metadata(((MD_VERSION, str(v.version)), (MD_REQUESTED, str(requested)),
-                                       (MD_SUBSTITUTED, "1" if substituted else "0")))
+        is_delta = payloads is not None
+        base_version = base.version if is_delta else -1
+        md = [(MD_VERSION, str(v.version)), (MD_REQUESTED, str(requested)),
+              (MD_SUBSTITUTED, "1" if substituted else "0"), (MD_ENCODING, "delta" if is_delta else "full"),
+              (MD_BASE, str(base_version))]
+        if request.HasField("base_version") and not is_delta:
+            md.append((MD_DELTA_REFUSED, refused))
+        context.send_initial_metadata(tuple(md))
+        self._s._count_stream("delta" if is_delta else "full")
         chunk = min(request.chunk_bytes or self._s.chunk_bytes, self._s.chunk_bytes)
         view = memoryview(v.buffer)
         n_tensors = len(v.tensors)
         for index, t in enumerate(v.tensors):
             size = t.end - t.start
+            if is_delta:
+                encoding, payload = payloads[index]
+                data, start = memoryview(payload), 0
+            else:
+                encoding, data, start = deltas.FULL, view, t.start
+            total = len(data) if is_delta else size
             offset = 0
             while True:
-                take = min(chunk, size - offset)
+                take = min(chunk, total - offset)
+                piece = bytes(data[start + offset: start + offset + take])
+                self._s._count_sent(len(piece))
                 yield wpb.WeightChunk(version=v.version, requested_version=requested, name=t.name, dtype=t.dtype,
-                                      shape=t.shape, offset=offset, tensor_bytes=size,
-                                      data=bytes(view[t.start + offset: t.start + offset + take]),
-                                      tensor_index=index, num_tensors=n_tensors)
+                                      shape=t.shape, offset=offset, tensor_bytes=size, data=piece,
+                                      tensor_index=index, num_tensors=n_tensors, encoding=encoding,
+                                      base_version=base_version, encoded_bytes=total, wire_format=WIRE_FORMAT)
                 offset += take
-                if offset >= size:
+                if offset >= total:
                     break
             if not context.is_active():  # client went away: stop copying
                 return
         yield wpb.WeightChunk(version=v.version, requested_version=requested, num_tensors=n_tensors, final=True,
-                              checksum=v.checksum)
+                              checksum=v.checksum, base_version=base_version, wire_format=WIRE_FORMAT)
 
 
 class WeightServer:
@@ -248,12 +303,19 @@ class WeightServer:
     token: shared secret clients must send. host/port: bind address (port 0 = free port,
     see `.port` after `start`). keep_versions: versions kept for clients still pulling.
     chunk_bytes: largest tensor piece per message (clients may ask for less).
-    tls_cert / tls_key: PEM paths; both set = TLS.
+    tls_cert / tls_key: PEM paths; both set = TLS. delta_encoding: the encoding of delta
+    streams ("sparse" | "xor-zstd"; the other when a client does not decode it).
+    encode_threads: threads that encode the tensors of one delta.
+
+    `bytes_sent` counts tensor payload bytes sent over all streams (the learner's egress);
+    `streams` counts streams by kind ("full", "delta").
     """
 
     def __init__(self, *, token: str, host: str = "127.0.0.1", port: int = 0, keep_versions: int = 2,
                  chunk_bytes: int = 4 << 20, tls_cert: str | None = None, tls_key: str | None = None,
-                 max_workers: int = 8) -> None:
+                 max_workers: int = 8, delta_encoding: str = "sparse", encode_threads: int = 4) -> None:
+        if delta_encoding not in deltas.ENCODINGS:
+            raise ValueError(f"delta_encoding must be one of {', '.join(deltas.ENCODINGS)}, got {delta_encoding!r}")
         if not token:
             raise ValueError("WeightServer needs a non-empty shared token")
         if keep_versions < 1:
@@ -273,14 +335,22 @@ class WeightServer:
         self._spare: bytearray | None = None  # buffer of an evicted, unread version
         self._server: grpc.Server | None = None
         self._hasher = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="weights-sha256")
+        self._encoder = futures.ThreadPoolExecutor(max_workers=max(1, encode_threads), thread_name_prefix="weights-delta")
         self._started = time.monotonic()
+        self.delta_encoding = delta_encoding
+        # (base, target, encoding) -> future of the per-tensor [(encoding, payload)]
+        self._deltas: dict[tuple[int, int, str], futures.Future] = {}
+        self._count_lock = threading.Lock()
+        self.bytes_sent = 0
+        self.streams: dict[str, int] = {"full": 0, "delta": 0}
 
     @classmethod
     def from_config(cls, transport: Any, *, token: str | None = None) -> "WeightServer":
         """Build from a `TransportConfig` (token from `load_token` unless given)."""
         return cls(token=token or load_token(transport), host=transport.weights_host, port=transport.weights_port,
                    keep_versions=transport.keep_versions, chunk_bytes=transport.weights_chunk_bytes,
-                   tls_cert=transport.tls_cert, tls_key=transport.tls_key)
+                   tls_cert=transport.tls_cert, tls_key=transport.tls_key,
+                   delta_encoding=transport.weights_delta_encoding)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -331,15 +401,22 @@ class WeightServer:
 
     # -- versions -------------------------------------------------------------------------
 
-    def publish(self, version: int, state_dict: Mapping[str, torch.Tensor]) -> None:
+    def publish(self, version: int, state_dict: Mapping[str, torch.Tensor], *,
+                dtype: torch.dtype | str | None = None) -> None:
         """Serve `state_dict` ({name: tensor}, any device) as `version`, which must exceed
-        every version published before. The tensors are copied before this returns, so the
-        caller may keep updating them; `checksum(version)` waits for the checksum."""
+        every version published before; floating-point tensors are cast to `dtype` (a torch
+        dtype or "float32" / "bfloat16" / "float16"; None = as they are) on the one copy
+        into the version buffer. The tensors are copied before this returns, so the caller
+        may keep updating them; `checksum(version)` waits for the checksum."""
+        if isinstance(dtype, str):
+            dtype = _DTYPES.get(dtype)
+            if dtype is None:
+                raise ValueError(f"publish dtype must be one of {', '.join(_DTYPES)}")
         with self._lock:
             if self._latest is not None and version <= self._latest.version:
                 raise ValueError(f"weight versions must increase: {version} <= latest {self._latest.version}")
             spare, self._spare = self._spare, None
-        built = _build_version(int(version), state_dict, self._hasher, spare)
+        built = _build_version(int(version), state_dict, self._hasher, spare, dtype)
         with self._lock:
             if self._latest is not None and version <= self._latest.version:  # a concurrent publish won
                 raise ValueError(f"weight versions must increase: {version} <= latest {self._latest.version}")
@@ -349,6 +426,8 @@ class WeightServer:
                 gone = self._versions.pop(old)
                 gone.evicted = True
                 self._recycle(gone)
+            for key in [k for k in self._deltas if k[0] not in self._versions or k[1] not in self._versions]:
+                del self._deltas[key]  # streams already sending it hold their own reference
 
     def _recycle(self, v: _Version) -> None:
         # Lock held. Reuse only when nothing reads the bytes any more (no stream, hash done).
@@ -401,6 +480,70 @@ class WeightServer:
             if v is not None:
                 v.readers += 1
             return v
+
+    def _acquire_base(self, request: wpb.StreamWeightsRequest, v: _Version) -> tuple[_Version | None, str, str]:
+        """(the kept base a delta to `v` can start from (marked as read), the encoding to
+        use, "") or (None, "", why no delta)."""
+        wanted = int(request.base_version)
+        encoding = next((e for e in (self.delta_encoding, *deltas.ENCODINGS) if e in request.encodings), None)
+        if encoding is None:
+            return None, "", f"no delta encoding in common (client: {list(request.encodings)}, server: {list(deltas.ENCODINGS)})"
+        with self._lock:
+            base = self._versions.get(wanted)
+            if base is None:
+                return None, "", f"base version {wanted} is not kept (have {sorted(self._versions)})"
+            base.readers += 1
+        # Checksum and layout outside the lock (the checksum may still be computing).
+        why = ""
+        if base.checksum != request.base_checksum:
+            why = f"base version {wanted} has another checksum here"
+        elif base.layout != v.layout:
+            why = f"the tensors of version {v.version} differ in names, dtypes or shapes from version {wanted}"
+        if why:
+            self._release(base)
+            return None, "", why
+        return base, encoding, ""
+
+    def _delta(self, base: _Version, v: _Version, encoding: str) -> list[tuple[str, bytes]]:
+        """Per tensor (encoding, payload) of `v` as a change from `base`; computed once per
+        pair, by the first caller (others wait for it)."""
+        key = (base.version, v.version, encoding)
+        with self._lock:
+            fut = self._deltas.get(key)
+            owner = fut is None
+            if owner:
+                fut = self._deltas[key] = futures.Future()
+        if not owner:
+            return fut.result()
+        try:
+            t0 = time.perf_counter()
+            src, dst = memoryview(base.buffer), memoryview(v.buffer)
+
+            def one(t: _Tensor) -> tuple[str, bytes]:
+                itemsize = DTYPE_TO_TORCH[t.dtype].itemsize
+                enc = encoding
+                if enc == "sparse" and (t.end - t.start) // max(itemsize, 1) >= 1 << 32:
+                    enc = "xor-zstd"
+                return enc, deltas.encode(enc, src[t.start:t.end], dst[t.start:t.end], itemsize)
+
+            result = list(self._encoder.map(one, v.tensors))
+            log.info("delta %d -> %d (%s): %d of %d bytes in %.2fs", base.version, v.version, encoding,
+                     sum(len(p) for _, p in result), v.total_bytes, time.perf_counter() - t0)
+        except BaseException as err:
+            fut.set_exception(err)
+            with self._lock:
+                self._deltas.pop(key, None)
+            raise
+        fut.set_result(result)
+        return result
+
+    def _count_sent(self, n: int) -> None:
+        with self._count_lock:
+            self.bytes_sent += n
+
+    def _count_stream(self, kind: str) -> None:
+        with self._count_lock:
+            self.streams[kind] += 1
 
     def _release(self, v: _Version) -> None:
         with self._lock:

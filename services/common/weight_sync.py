@@ -6,13 +6,22 @@ The announcement also says where the learner's weight server listens (it binds i
 port, so two runs on one machine never race for one); unless `transport.weights_target`
 pins an address (a cluster Service name), clients dial the announced one and follow it when
 a restarted learner listens elsewhere. Waits have deadlines and say what they wait for.
+
+With `transport.weights_delta` (the default) the sync keeps the bytes of the version it
+loaded (`HeldVersion`: one full version in host memory, in the published dtype; e.g. 16 GB
+for an 8B model in bf16) and asks for the next version as a delta from it; the rebuilt
+version's sha256 is checked before the engine sees it, and anything wrong (base no longer
+kept, checksum mismatch, corrupt chunk) ends in a full pull. Engine tensors are not used as
+the base: vLLM repacks its weights, and an engine may hold another dtype than the one
+published. Pulls are counted by kind (`rlrt_{rollout,teacher}_weight_pulls_total`) with the
+bytes received, when `metrics` is given.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -30,7 +39,7 @@ class VersionWaitTimeout(TimeoutError):
 class WeightSync:
     def __init__(self, cfg: RunConfig, redis_client, load: Loader, *, version: int = 0,
                  on_loaded: Callable[[int, float], None] | None = None,
-                 on_wait: Callable[[str | None], None] | None = None) -> None:
+                 on_wait: Callable[[str | None], None] | None = None, metrics: Any = None) -> None:
         self.cfg = cfg
         self.redis = redis_client
         self.load = load
@@ -39,6 +48,8 @@ class WeightSync:
         self.on_wait = on_wait or (lambda _what: None)
         self._client = None
         self._target: str | None = None
+        self.metrics = metrics  # RolloutMetrics / TeacherMetrics: weight_pulls, weight_received_bytes
+        self.held = None  # HeldVersion of `version` when deltas are on
 
     def announcement(self):
         """The run's latest announcement (version, address), or None before the first."""
@@ -91,11 +102,27 @@ class WeightSync:
             self.on_wait(None)
 
     def _pull(self, version: int, address: str = "") -> int:
-        stream = self._client_for(address).stream(version)
-        got = stream.version  # the latest, when the announced one is no longer kept
-        self.load(stream, got)
+        client = self._client_for(address)
+        if not self.cfg.transport.weights_delta:
+            stream = client.stream(version)
+            got = stream.version  # the latest, when the announced one is no longer kept
+            self.load(stream, got)
+            kind, received, why = "full", stream.bytes_received, ""
+        else:
+            # The held copy is consumed by the pull (rebuilt in place): if anything below
+            # fails, nothing half-rebuilt stays behind and the next pull is a full one.
+            held, self.held = self.held, None
+            pulled = client.pull(version, held=held)
+            got = pulled.version
+            self.load(pulled.held.items(), got)  # verified before the engine sees it
+            self.held = pulled.held
+            kind, received, why = pulled.kind, pulled.bytes_received, pulled.reason
+        if self.metrics is not None:
+            self.metrics.weight_pulls.labels(kind=kind).inc()
+            self.metrics.weight_received_bytes.inc(received)
         self.version = got
-        log.info("loaded weight version %d", got)
+        log.info("loaded weight version %d (%s, %d bytes received%s)", got, kind, received,
+                 f": {why}" if why else "")
         return got
 
     def close(self) -> None:

@@ -54,7 +54,7 @@ def run(cfg: RunConfig, worker: str) -> int:
         m.weight_load_seconds.observe(seconds)
 
     sync = WeightSync(cfg, rt.redis, engine.load_weights, version=engine.version, on_loaded=on_loaded,
-                      on_wait=rt.wait_for)
+                      on_wait=rt.wait_for, metrics=m)
     rt.bus.ensure_group(st.input, st.group)
     m.weight_version.set(engine.version)
     rt.set_ready(True)

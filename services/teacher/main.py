@@ -62,7 +62,7 @@ def run(cfg: RunConfig, worker: str) -> int:
         m.teacher_weight_load_seconds.observe(seconds)
 
     sync = WeightSync(cfg, rt.redis, engine.load_weights, version=engine.version, on_loaded=on_loaded,
-                      on_wait=rt.wait_for)
+                      on_wait=rt.wait_for, metrics=m)
     rt.bus.ensure_group(rt.stage.input, rt.stage.group)
     rt.set_ready(True)
     limits = Limits(vocab_size=engine.vocab_size, max_model_len=cfg.model.max_model_len)
