@@ -31,4 +31,8 @@ else
 fi
 tag_args=(); for t in "${tags[@]}"; do tag_args+=(-t "$t"); done
 echo "docker build ${args[*]} ${tag_args[*]}" >&2
+# The build stage is tagged too (rlrt-build:cpu): its layers are the expensive ones (torch),
+# and a tagged stage survives the prune below, which drops what earlier builds left behind.
+docker build -q -f deploy/docker/Dockerfile.cpu "${args[@]}" --target build -t rlrt-build:cpu . >/dev/null
 docker build -q -f deploy/docker/Dockerfile.cpu "${args[@]}" "${tag_args[@]}" .
+docker image prune -f >/dev/null
