@@ -71,8 +71,9 @@ stop() {
     [[ -f "$PIDFILE" ]] || return 0
     local pid; pid="$(cat "$PIDFILE")"
     kill "$pid" 2>/dev/null || return 0
-    for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.5; done
-    echo "dockerd $pid did not stop in 30 s" >&2; exit 1
+    # it stops its containers first (10 s grace each, in parallel)
+    for _ in $(seq 1 240); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.5; done
+    echo "dockerd $pid did not stop in 120 s" >&2; exit 1
 }
 
 case "${1:-start}" in

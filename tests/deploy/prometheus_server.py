@@ -31,7 +31,7 @@ class PrometheusServer:
         self.log_path = self.data_dir / "prometheus.log"
         self.url = ""
 
-    def start(self, attempts: int = 20, timeout_s: float = 60.0) -> str:
+    def start(self, attempts: int = 20, timeout_s: float = 120.0) -> str:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         for _ in range(attempts):
             port = random.randint(20000, 60999)

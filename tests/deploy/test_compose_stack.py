@@ -62,9 +62,24 @@ def engine() -> Iterator[dict[str, str]]:
     started_here = "private dockerd" in r.stderr
     assert _run(["docker", "compose", "version"], env, 30, check=False).returncode == 0, \
         "the Compose v2 plugin is missing: run scripts/deploy/install.sh"
+    _remove_stale_projects(env)
     yield env
     if started_here:
-        subprocess.run(["bash", str(SCRIPTS / "dockerd.sh"), "stop"], timeout=60)
+        subprocess.run(["bash", str(SCRIPTS / "dockerd.sh"), "stop"], timeout=180)
+
+
+def _remove_stale_projects(env: dict[str, str]) -> None:
+    """Containers, networks and volumes of earlier test projects that were interrupted
+    (their restart policy would otherwise bring them back with the daemon)."""
+    fmt = '{{.ID}} {{.Label "com.docker.compose.project"}}'
+    for kind, ls, rm in ((("container"), ["ps", "-a"], ["rm", "-f", "-v"]),
+                         ("network", ["network", "ls"], ["network", "rm"]),
+                         ("volume", ["volume", "ls"], ["volume", "rm", "-f"])):
+        out = _run(["docker", *ls, "--filter", "label=com.docker.compose.project", "--format", fmt], env, 120).stdout
+        stale = [line.split()[0] for line in out.splitlines() if line.split()[1:2] and
+                 line.split()[1].startswith("rlrt-test-")]
+        if stale:
+            _run(["docker", *rm, *stale], env, 300, check=False)
 
 
 def _image_or_pull(env: dict[str, str], image: str) -> bool:
@@ -96,7 +111,7 @@ class Stack:
         return _run(["docker", "compose", "-p", self.project, "-f", str(ROOT / "docker-compose.yml"),
                      "-f", str(OVERRIDE), *args], self.env, timeout, check)
 
-    def docker(self, *args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def docker(self, *args: str, timeout: float = 180, check: bool = True) -> subprocess.CompletedProcess[str]:
         return _run(["docker", *args], self.env, timeout, check)
 
     def containers(self) -> list[dict[str, Any]]:
@@ -136,6 +151,9 @@ def _metric(text: str, name: str) -> float:
     return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name)
 
 
+# the image fixture builds everything on a cold cache (debootstrap, torch layers): the
+# project-wide 900 s per-test limit is too short for that on a loaded 2-core machine
+@pytest.mark.timeout(5400)
 def test_compose_stack_trains_scales_survives_a_killed_worker_and_cleans_up(engine, images, tmp_path):
     project = f"rlrt-test-{secrets.token_hex(3)}"
     password = secrets.token_hex(12)

@@ -69,7 +69,7 @@ def dashboard_queries(path: Path = DASHBOARD) -> Iterator[tuple[str, str, str]]:
 
 
 def _promtool_check_config(path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["promtool", "check", "config", str(path)], capture_output=True, text=True, timeout=60)
+    return subprocess.run(["promtool", "check", "config", str(path)], capture_output=True, text=True, timeout=180)
 
 
 def _promtool_has_kubernetes_sd(tmp_path: Path) -> bool:
