@@ -71,10 +71,9 @@ def engine() -> Iterator[dict[str, str]]:
 def _remove_stale_projects(env: dict[str, str]) -> None:
     """Containers, networks and volumes of earlier test projects that were interrupted
     (their restart policy would otherwise bring them back with the daemon)."""
-    fmt = '{{.ID}} {{.Label "com.docker.compose.project"}}'
-    for kind, ls, rm in ((("container"), ["ps", "-a"], ["rm", "-f", "-v"]),
-                         ("network", ["network", "ls"], ["network", "rm"]),
-                         ("volume", ["volume", "ls"], ["volume", "rm", "-f"])):
+    for ident, ls, rm in (("ID", ["ps", "-a"], ["rm", "-f", "-v"]), ("ID", ["network", "ls"], ["network", "rm"]),
+                          ("Name", ["volume", "ls"], ["volume", "rm", "-f"])):
+        fmt = f'{{{{.{ident}}}}} {{{{.Label "com.docker.compose.project"}}}}'
         out = _run(["docker", *ls, "--filter", "label=com.docker.compose.project", "--format", fmt], env, 120).stdout
         stale = [line.split()[0] for line in out.splitlines() if line.split()[1:2] and
                  line.split()[1].startswith("rlrt-test-")]
@@ -173,8 +172,12 @@ def test_compose_stack_trains_scales_survives_a_killed_worker_and_cleans_up(engi
             [("redis", 1), ("learner", 1), ("rollout", 2), ("verifier", 1), ("teacher", 1), ("prometheus", 1)])
         rlrt = {c["Name"]: c["Service"] for s in RLRT_SERVICES for c in by_service[s]}
         for name, service in rlrt.items():
+            # `up --wait` saw each healthy; a check can still time out once on a loaded host
+            deadline = time.time() + 180
+            while stack.inspect(name)["State"]["Health"]["Status"] != "healthy" and time.time() < deadline:
+                time.sleep(2)
             state = stack.inspect(name)["State"]
-            assert state["Health"]["Status"] == "healthy", (name, state)
+            assert state["Health"]["Status"] == "healthy", (name, state["Health"]["Log"][-3:])
             base = stack.url(name)
             assert httpx.get(f"{base}/healthz", timeout=5).status_code == 200
             deadline = time.time() + 180
