@@ -244,8 +244,13 @@ def test_compose_stack_trains_scales_survives_a_killed_worker_and_cleans_up(engi
             time.sleep(3)
         assert sorted(r["metric"]["compose_service"] for r in scraped) == sorted(rlrt.values()), scraped
         assert all(float(r["value"][1]) == 1 for r in scraped), scraped
-        work = _prom(prom, f'max by (worker) (max_over_time(rlrt_rollout_groups_total{{run="{project}"}}[30m]))')
-        assert len(work) == 2 and all(float(r["value"][1]) > 0 for r in work), work
+        # the worker label is rollout-<host name>-<pid>: a restarted container keeps its host
+        # name (its container id) and gets a new pid, so group by the host name
+        work = _prom(prom, 'max by (host) (label_replace(max_over_time(rlrt_rollout_groups_total'
+                           f'{{run="{project}"}}[30m]), "host", "$1", "worker", "rollout-(.+)-[0-9]+"))')
+        hosts = {stack.inspect(n)["Config"]["Hostname"] for n, s in rlrt.items() if s == "rollout"}
+        assert {r["metric"]["host"] for r in work} == hosts, (work, hosts)
+        assert all(float(r["value"][1]) > 0 for r in work), work
 
         # accounting, from the learner's last checkpoint and the compose Redis
         ck = tmp_path / "checkpoints"
