@@ -58,8 +58,11 @@ class ServiceState:
     waiting_since: float | None = None
     services: Callable[[], list[dict[str, Any]]] = field(default=lambda: [])
 
+    loop_started: bool = False  # liveness counts silence only once the main loop runs
+
     def beat(self) -> None:
         self.last_heartbeat = time.time()
+        self.loop_started = True
 
     def progressed(self) -> None:
         self.last_progress = time.time()
@@ -75,7 +78,7 @@ class ServiceState:
         """(alive, reason) as /healthz reports it."""
         now = time.time()
         age = now - self.last_heartbeat
-        if age > self.heartbeat_timeout_s:
+        if self.loop_started and age > self.heartbeat_timeout_s:
             return False, f"main loop silent for {age:.0f}s"
         idle = now - self.last_progress
         if idle > self.stall_timeout_s and self.waiting_for is not None:
