@@ -116,7 +116,8 @@ METRICS: tuple[MetricSpec, ...] = (
     _h("weight_load_seconds", "rlrt_rollout_weight_load_seconds", "seconds", R,
        "Time to fetch a new weight version and load it into the engine."),
     _h("generate_seconds", "rlrt_rollout_generate_seconds", "seconds", R,
-       "Wall time of one engine generate call (a batch of prompt groups)."),
+       "Wall time of one engine generate call (a batch of prompt groups); streaming: of one group, "
+       "from admission to its last token."),
     _c("engine_busy_seconds", "rlrt_rollout_engine_busy_seconds_total", "seconds", R,
        "Seconds the engine spent generating; its rate is the busy fraction."),
     _g("engine_busy", "rlrt_rollout_engine_busy_ratio", "ratio", R,
