@@ -52,7 +52,7 @@ def run(cfg: RunConfig, worker: str) -> int:
     def status() -> dict:
         return {"version": engine.version if engine is not None else None, "processed": counters["groups"],
                 "counters": dict(counters), "engine": cfg.rollout.engine, "deferred": len(deferred),
-                "streaming": stream is not None, "inflight_groups": len(inflight),
+                "streaming": stream is not None, "inflight_groups": len(inflight), "busy_s": busy["s"],
                 "busy_fraction": busy["s"] / max(time.time() - busy["since"], 1e-9)}
 
     rt.start_admin(status)
