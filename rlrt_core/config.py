@@ -99,8 +99,8 @@ class RolloutConfig(_Section):
     max_inflight_groups: int | None = Field(None, ge=1, description="groups a streaming worker keeps in its engine "
                                             "(None = groups_per_batch)")
     # None = fresh OS entropy per batch. An int makes sampling reproducible per group: each
-    # batch's seed is derived from (seed, the batch's group ids), so seeds never repeat
-    # across workers or restarts (group ids are unique).
+    # batch's seed (streaming: each group's) is derived from (seed, the group ids), so seeds
+    # never repeat across workers or restarts (group ids are unique).
     seed: int | None = None
     version_wait_s: float = Field(300.0, gt=0.0, description="longest wait for a task's min_version to be "
                                   "announced before the task is dead-lettered")
