@@ -33,6 +33,7 @@ from services.common.runtime import ServiceRuntime
 from services.common.weight_sync import VersionWaitTimeout, WeightSync
 
 log = logging.getLogger("rlrt.rollout")
+POLL_S = 0.05
 
 
 def run(cfg: RunConfig, worker: str) -> int:
@@ -81,6 +82,7 @@ def run(cfg: RunConfig, worker: str) -> int:
     limits = Limits(vocab_size=engine.vocab_size, max_model_len=cfg.model.max_model_len)
     touch_every_s = cfg.transport.claim_idle_ms / 3000.0
     last_touch = [time.monotonic()]
+    last_poll = [0.0]
 
     def dead(e, reason: str, kind: str) -> None:
         rt.bus.dead_letter(e, f"rollout: {reason}", kind=kind)
@@ -196,21 +198,26 @@ def run(cfg: RunConfig, worker: str) -> int:
 
     # -- streaming ----------------------------------------------------------------------------
     def step_stream() -> bool:
-        free = max_inflight - len(inflight) - len(deferred)
+        now = time.monotonic()
         fresh = []
-        if free > 0:
-            # block only when the engine has nothing to do
-            block = 0 if inflight else (cfg.transport.block_ms if not deferred else 200)
-            fresh = [t for t in take_new(free, block) if t[0].id not in inflight]
-        sync.sync()  # between decode steps: a newer version is loaded in place, in flight
-        ready = sort_tasks(fresh)
-        if ready and load_for(ready, wait=not inflight):
-            for e, task, prompt_ids, _ in ready:
-                sp = SamplingParams(n=int(task.n_samples) or sp_cfg.n_samples, temperature=sp_cfg.temperature,
-                                    top_p=sp_cfg.top_p, max_new_tokens=sp_cfg.max_new_tokens,
-                                    seed=derive_seed(sp_cfg.seed, task.group_id))
-                stream.add(e.id, prompt_ids, sp)
-                inflight[e.id] = (e, task)
+        # Redis is polled (new tasks, announcements) at most every POLL_S while groups decode:
+        # a tiny model's decode step takes a few ms, a Redis round trip about as long.
+        if not inflight or now - last_poll[0] >= POLL_S:
+            last_poll[0] = now
+            free = max_inflight - len(inflight) - len(deferred)
+            if free > 0:
+                # block only when the engine has nothing to do
+                block = 0 if inflight else (cfg.transport.block_ms if not deferred else 200)
+                fresh = [t for t in take_new(free, block) if t[0].id not in inflight]
+            sync.sync()  # between decode steps: a newer version is loaded in place, in flight
+            ready = sort_tasks(fresh) if fresh or deferred else []
+            if ready and load_for(ready, wait=not inflight):
+                for e, task, prompt_ids, _ in ready:
+                    sp = SamplingParams(n=int(task.n_samples) or sp_cfg.n_samples, temperature=sp_cfg.temperature,
+                                        top_p=sp_cfg.top_p, max_new_tokens=sp_cfg.max_new_tokens,
+                                        seed=derive_seed(sp_cfg.seed, task.group_id))
+                    stream.add(e.id, prompt_ids, sp)
+                    inflight[e.id] = (e, task)
         if not inflight:
             return bool(fresh)
         t0 = time.perf_counter()
