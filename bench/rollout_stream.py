@@ -11,6 +11,8 @@ only the number.", a few tokens) and long (GSM8K test questions, "solve step by 
 * service    the real rollout worker (`rlrt serve rollout`, streaming, G in flight) fed over Redis;
              the same group ids and seeds as `stream`, so the same tokens (up to float rounding).
 * service-batch  the same worker with `rollout.streaming: false` (G groups per generate call).
+* ab         overhead check on identical work: `generate([p])` vs a stream holding only that
+             group (same seed, so the same tokens), interleaved twice; tokens per CPU-s of each.
 
 Figures: generated tokens/s (EOS included) per wall second and per CPU second of the generating
 process (one torch thread, so CPU seconds measure work even when other jobs share the cores;
@@ -92,6 +94,27 @@ def run_stream(engine, prompts, gids, args) -> dict:
             inflight -= 1
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {"mode": "stream", "tokens": tokens, "seconds": wall, "cpu_s": cpu, "first_group_s": first, "steps": steps}
+
+
+def run_ab(engine, prompts, args) -> None:
+    from rlrt_core.engines import SamplingParams
+
+    sp = SamplingParams(n=args.samples, max_new_tokens=48, temperature=1.0, seed=7)
+    for rep in range(2):
+        c0 = time.process_time()
+        ref = engine.generate(prompts[1:2], sp)[0]
+        ca = time.process_time() - c0
+        stream = engine.start_stream()
+        stream.add(0, prompts[1], sp)
+        c0 = time.process_time()
+        while stream.groups:
+            for f in stream.step():
+                got = f.result
+        cb = time.process_time() - c0
+        ta, tb = (sum(len(c.token_ids) for c in r.completions) for r in (ref, got))
+        same = [c.token_ids for c in ref.completions] == [c.token_ids for c in got.completions]
+        print(f"ab rep {rep}: generate {ta} tokens {ta / ca:.1f}/CPU-s, stream {tb} tokens {tb / cb:.1f}/CPU-s, "
+              f"same tokens: {same}", flush=True)
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -206,11 +229,13 @@ def main() -> int:
     print(f"workload: {len(probs)} prompts (short/GSM8K alternating) x K={args.samples}, <= {args.max_new_tokens} "
           f"new tokens, T=1.0, G={args.groups} groups per batch / in flight, fp32 {args.model}")
     rows = {}
-    if {"batch", "stream"} & set(modes):
+    if {"batch", "stream", "ab"} & set(modes):
         engine = TorchEngine(args.model, max_model_len=1024)
         prompts = [student_prompt_ids(engine.tokenizer, p.prompt) for p in probs]
         print(f"prompt lengths: {[len(p) for p in prompts]}")
         engine.generate(prompts[:1], SamplingParams(n=2, max_new_tokens=8, seed=0))  # warm-up
+        if "ab" in modes:
+            run_ab(engine, prompts, args)
         for mode in ("batch", "stream"):
             if mode in modes:
                 fn = run_batch if mode == "batch" else run_stream

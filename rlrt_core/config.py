@@ -93,7 +93,9 @@ class RolloutConfig(_Section):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_new_tokens: int = Field(256, ge=1)
     groups_per_batch: int = Field(4, ge=1, description="prompt groups sampled per engine call (streaming: false)")
-    streaming: bool = Field(True, description="continuous batching: publish each group as soon as its K completions "
+    # Off by default: on the torch engine on CPU the long-tailed SmolLM2 bench measured streaming
+    # slower per CPU-second (docs/BENCHMARKS.md); on where measured not slower (configs/tiny.yaml).
+    streaming: bool = Field(False, description="continuous batching: publish each group as soon as its K completions "
                             "end, refill free slots between decode steps, load new weights in flight (engines "
                             "without a streaming API fall back to batch-synchronous generate calls)")
     max_inflight_groups: int | None = Field(None, ge=1, description="groups a streaming worker keeps in its engine "

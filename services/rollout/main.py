@@ -1,6 +1,6 @@
 """Rollout worker: `prompts` -> K completions per prompt -> `rollouts`.
 
-Streaming (`rollout.streaming: true`, the default; engines with a streaming API): the worker
+Streaming (`rollout.streaming: true`; engines with a streaming API, today the torch engine): the worker
 keeps up to `rollout.max_inflight_groups` groups in its engine. Between decode steps it takes
 new PromptTasks into free slots, loads a newer announced weight version in place (in-flight
 sequences keep going; every token records its version, a group's version is its oldest
@@ -8,7 +8,7 @@ token's), and publishes each group as soon as its K completions end, atomically 
 task's ack (one `ack_many` per round of finished groups). In-flight tasks are touched so no
 peer reclaims them; after a kill -9 they stay pending and a peer reclaims them.
 
-Batch-synchronous (`streaming: false`, or an engine without streaming): per batch take up to
+Batch-synchronous (`streaming: false`, the default, or an engine without streaming): per batch take up to
 `rollout.groups_per_batch` tasks, sample K completions each in one generate call, publish.
 
 Either way each task is validated alone where it enters (a bad one is dead-lettered with its
