@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -195,6 +196,7 @@ def run_service(probs, gids, args, *, streaming: bool) -> dict:
             proc.kill()
         bus.delete_run()
         log.close()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main() -> int:
