@@ -94,10 +94,17 @@ class RolloutConfig(_Section):
     temperature: float = Field(1.0, gt=0.0, le=10.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_new_tokens: int = Field(256, ge=1)
-    groups_per_batch: int = Field(4, ge=1, description="prompt groups sampled per engine call")
+    groups_per_batch: int = Field(4, ge=1, description="prompt groups sampled per engine call (streaming: false)")
+    # Off by default: on the torch engine on CPU the long-tailed SmolLM2 bench measured streaming
+    # slower per CPU-second (docs/BENCHMARKS.md); on where measured not slower (configs/tiny.yaml).
+    streaming: bool = Field(False, description="continuous batching: publish each group as soon as its K completions "
+                            "end, refill free slots between decode steps, load new weights in flight (engines "
+                            "without a streaming API fall back to batch-synchronous generate calls)")
+    max_inflight_groups: int | None = Field(None, ge=1, description="groups a streaming worker keeps in its engine "
+                                            "(None = groups_per_batch)")
     # None = fresh OS entropy per batch. An int makes sampling reproducible per group: each
-    # batch's seed is derived from (seed, the batch's group ids), so seeds never repeat
-    # across workers or restarts (group ids are unique).
+    # batch's seed (streaming: each group's) is derived from (seed, the group ids), so seeds
+    # never repeat across workers or restarts (group ids are unique).
     seed: int | None = None
     version_wait_s: float = Field(300.0, gt=0.0, description="longest wait for a task's min_version to be "
                                   "announced before the task is dead-lettered")

@@ -123,7 +123,8 @@ METRICS: tuple[MetricSpec, ...] = (
     _c("weight_received_bytes", "rlrt_rollout_weight_received_bytes_total", "bytes", R,
        "Weight payload bytes received from the weight server (deltas as encoded)."),
     _h("generate_seconds", "rlrt_rollout_generate_seconds", "seconds", R,
-       "Wall time of one engine generate call (a batch of prompt groups)."),
+       "Wall time of one engine generate call (a batch of prompt groups); streaming: of one group, "
+       "from admission to its last token."),
     _c("engine_busy_seconds", "rlrt_rollout_engine_busy_seconds_total", "seconds", R,
        "Seconds the engine spent generating; its rate is the busy fraction."),
     _g("engine_busy", "rlrt_rollout_engine_busy_ratio", "ratio", R,

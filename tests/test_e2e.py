@@ -74,10 +74,13 @@ def _run(cfg, *, n_rollout=1, timeout_s=420.0) -> tuple[LocalRun, list[dict]]:
     return run, read_metrics(run.run_dir)
 
 
-@pytest.mark.parametrize("max_staleness", [0, 1, 2])
-def test_pipeline_trains_and_accounts_for_every_group(tmp_path, max_staleness):
-    cfg = _cfg(tmp_path, learner={"max_staleness": max_staleness})
+@pytest.mark.parametrize("max_staleness,streaming", [(0, True), (1, True), (2, True), (1, False)],
+                         ids=["s0-stream", "s1-stream", "s2-stream", "s1-batch"])
+def test_pipeline_trains_and_accounts_for_every_group(tmp_path, max_staleness, streaming):
+    cfg = _cfg(tmp_path, learner={"max_staleness": max_staleness}, rollout={"streaming": streaming})
     run, rows = _run(cfg)
+    log = (run.run_dir / "logs" / "rollout-0.log").read_text()
+    assert ("groups published" in log) == streaming  # the mode asked for is the mode that ran
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert [r["version"] for r in rows] == [1, 2, 3, 4]
     for r in rows:

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 from rlrt_core.engines.base import (
     Completion,
     Engine,
+    EngineStream,
+    FinishedGroup,
     GenerationResult,
     ParamSpec,
     SamplingParams,
@@ -19,14 +21,14 @@ from rlrt_core.engines.base import (
     derive_seed,
     sample_next,
 )
-from rlrt_core.engines.torch_engine import TorchEngine
+from rlrt_core.engines.torch_engine import TorchEngine, TorchStream
 
 if TYPE_CHECKING:
     from rlrt_core.config import RunConfig
     from rlrt_core.engines.vllm_engine import VLLMEngine
 
 __all__ = [
-    "Completion", "Engine", "GenerationResult", "ParamSpec", "SamplingParams", "TorchEngine", "VLLMEngine",
+    "Completion", "Engine", "EngineStream", "FinishedGroup", "GenerationResult", "ParamSpec", "SamplingParams", "TorchEngine", "TorchStream", "VLLMEngine",
     "WeightLoadError", "collect_weights", "derive_seed", "make_engine", "sample_next",
 ]
 

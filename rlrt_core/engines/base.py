@@ -8,6 +8,13 @@ Temperature 0 means greedy decoding; its log-probs are then those of the raw (te
 
 Completions end at the first EOS token (included in `token_ids`, finish_reason "stop") or after
 `max_new_tokens` / at the context limit (finish_reason "length"); nothing after EOS is returned.
+
+Every token also records the weight version whose forward pass produced the logits it was
+sampled from (`token_versions`). `generate()` runs one version per call; an `EngineStream`
+(continuous batching, `Engine.start_stream()`) may load newer weights between decode steps,
+so one completion can span versions: its earlier tokens' KV cache stays as the old weights
+computed it (PipelineRL's in-flight update), and its behaviour log-probs are exactly those of
+the mixed computation that sampled each token.
 """
 
 from __future__ import annotations
@@ -68,15 +75,58 @@ class Completion:
     logprobs: list[float]
     finish_reason: FinishReason
     text: str
+    token_versions: list[int] = field(default_factory=list)  # weight version per token (or empty)
 
 
 @dataclass
 class GenerationResult:
-    """The n completions of one prompt and the weight version that produced them."""
+    """The n completions of one prompt and the weight version that produced them (with
+    in-flight updates: the oldest version of any of their tokens)."""
 
     prompt_ids: list[int]
     completions: list[Completion]
     version: int
+
+
+@dataclass
+class FinishedGroup:
+    """A group an `EngineStream` finished: the caller's `key`, the result, and when it was
+    added and finished (time.monotonic())."""
+
+    key: Any
+    result: GenerationResult
+    added_at: float
+    finished_at: float
+
+
+class EngineStream(abc.ABC):
+    """Continuous batching at group granularity: `add()` queues a prompt for n completions,
+    each `step()` admits queued prompts into free batch rows and decodes every live row by one
+    token, returning the groups whose n completions all ended. Weights may be swapped
+    (`Engine.load_weights`) between steps; in-flight rows keep going under the new version."""
+
+    @abc.abstractmethod
+    def add(self, key: Any, prompt_ids: list[int], sampling: SamplingParams) -> None:
+        """Queue `sampling.n` completions of `prompt_ids`; `sampling.seed` fixes this group's
+        random stream (None = fresh entropy). Raises ValueError for requests the engine cannot serve."""
+
+    @abc.abstractmethod
+    def step(self) -> list[FinishedGroup]:
+        """One decode step over every live row (admitting queued groups first)."""
+
+    @abc.abstractmethod
+    def abort(self) -> list[Any]:
+        """Drop every queued and live group; returns their keys."""
+
+    @property
+    @abc.abstractmethod
+    def groups(self) -> int:
+        """Groups queued or live."""
+
+    @property
+    @abc.abstractmethod
+    def rows(self) -> int:
+        """Live completion rows in the batch."""
 
 
 class WeightLoadError(ValueError):
@@ -159,6 +209,11 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[GenerationResult]:
         """Sample `sampling.n` completions for each prompt (token ids) -> one GenerationResult per prompt."""
+
+    def start_stream(self) -> EngineStream:
+        """A continuous-batching stream over this engine (see EngineStream); engines that
+        lack one raise NotImplementedError and callers use generate()."""
+        raise NotImplementedError(f"{type(self).__name__} has no streaming API; use generate()")
 
     @abc.abstractmethod
     def load_weights(self, weights: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]], version: int) -> None:

@@ -145,7 +145,8 @@ class VLLMEngine(Engine):
                 lps = [float(step[t].logprob) for t, step in zip(ids, c.logprobs)]
                 if c.finish_reason not in ("stop", "length"):
                     raise RuntimeError(f"vLLM finished a completion with reason {c.finish_reason!r}")
-                comps.append(Completion(token_ids=ids, logprobs=lps, finish_reason=c.finish_reason, text=c.text))
+                comps.append(Completion(token_ids=ids, logprobs=lps, finish_reason=c.finish_reason, text=c.text,
+                                        token_versions=[version] * len(ids)))
             results.append(GenerationResult(prompt_ids=list(p), completions=comps, version=version))
         return results
 

@@ -57,16 +57,18 @@ class PromptTask(_message.Message):
     def __init__(self, group_id: _Optional[str] = ..., run_id: _Optional[str] = ..., problem: _Optional[_Union[Problem, _Mapping]] = ..., n_samples: _Optional[int] = ..., min_version: _Optional[int] = ..., dispatched_at: _Optional[float] = ...) -> None: ...
 
 class Completion(_message.Message):
-    __slots__ = ("token_ids", "logprobs", "finish_reason", "text")
+    __slots__ = ("token_ids", "logprobs", "finish_reason", "text", "token_versions")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     logprobs: _containers.RepeatedScalarFieldContainer[float]
     finish_reason: str
     text: str
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., finish_reason: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
+    token_versions: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., finish_reason: _Optional[str] = ..., text: _Optional[str] = ..., token_versions: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class VerifierResult(_message.Message):
     __slots__ = ("reward", "extracted", "reason", "timed_out")

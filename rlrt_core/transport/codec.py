@@ -91,6 +91,25 @@ def _token_ids(ids: Any, what: str, vocab_size: int | None) -> None:
         raise MalformedMessage(f"{what}: token id {bad} outside the vocabulary [0, {vocab_size})")
 
 
+def _token_versions(versions: Any, n_tokens: int, msg: Any, lim: Limits, where: str) -> None:
+    """Per-token weight versions: none, or one per token, non-decreasing, within
+    [group version, newest version]."""
+    n = len(versions)
+    if n == 0:
+        return
+    if n != n_tokens:
+        raise MalformedMessage(f"{where}: {n} token versions for {n_tokens} tokens")
+    lo, hi = min(versions), max(versions)
+    if lo < msg.min_version:
+        raise MalformedMessage(f"{where}: token version {lo} < the group's min_version {msg.min_version}")
+    if lo < msg.version:
+        raise MalformedMessage(f"{where}: token version {lo} older than the group's version {msg.version}")
+    if lim.max_version is not None and hi > lim.max_version:
+        raise MalformedMessage(f"{where}: token version {hi} ahead of the newest version {lim.max_version}")
+    if any(b < a for a, b in zip(versions, versions[1:])):
+        raise MalformedMessage(f"{where}: token versions decrease (weights only move forward during a rollout)")
+
+
 # ---------------------------------------------------------------------------------------
 # Bytes <-> messages
 
@@ -165,6 +184,12 @@ def validate(msg: Message, limits: Limits | None = None) -> None:
                 raise MalformedMessage(f"{where}: prompt + completion = {len(msg.prompt_ids) + len(c.token_ids)} "
                                        f"tokens exceed model.max_model_len ({lim.max_model_len})")
             _finite(c.logprobs, f"{where} behaviour log-probs", upper=_LOGPROB_TOL)
+            _token_versions(c.token_versions, len(c.token_ids), msg, lim, where)
+        versioned = [c.token_versions for c in msg.completions if len(c.token_versions)]
+        if len(versioned) == k and min(min(v) for v in versioned) != msg.version:
+            # the learner's staleness filter reads msg.version: it must be the oldest token's
+            raise MalformedMessage(f"RolloutGroup {g} has version {msg.version}, but its oldest token was generated "
+                                   f"by version {min(min(v) for v in versioned)}")
         for field, n in (("verifier_results", len(msg.verifier_results)), ("teacher_scores", len(msg.teacher_scores))):
             if n not in (0, k):
                 raise MalformedMessage(f"RolloutGroup {g} has {n} {field} for {k} completions")
@@ -315,6 +340,7 @@ def completion_to_proto(completion: Any) -> pb.Completion:
     msg = pb.Completion(finish_reason=str(_get(completion, "finish_reason", "")), text=str(_get(completion, "text", "")))
     msg.token_ids.extend(_as_list(_get(completion, "token_ids", [])))
     msg.logprobs.extend(_as_list(_get(completion, "logprobs", [])))
+    msg.token_versions.extend(_as_list(_get(completion, "token_versions", None) or []))
     return msg
 
 
@@ -328,8 +354,12 @@ def prompt_task(group_id: str, run_id: str, problem: Any, *, n_samples: int, min
 def rollout_group(task: pb.PromptTask, result: Any, *, engine: str, worker_id: str, generation_s: float = 0.0,
                   generated_at: float | None = None) -> pb.RolloutGroup:
     """A rollout worker's output: `result` is an `rlrt_core.engines.GenerationResult`
-    (prompt_ids, completions, version) for `task`."""
+    (prompt_ids, completions, version) for `task`. With per-token versions the group's
+    version is its oldest token's (what the learner's staleness filter must see)."""
     version = int(_get(result, "version"))
+    token_versions = [v for c in _get(result, "completions") for v in (_get(c, "token_versions", None) or [])]
+    if token_versions:
+        version = min(token_versions)
     if version < task.min_version:
         raise ValueError(f"group {task.group_id!r} generated with weight version {version} "
                          f"< min_version {task.min_version}: load newer weights first")

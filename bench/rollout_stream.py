@@ -1,0 +1,279 @@
+"""Streaming rollouts vs batch-synchronous, on a long-tailed workload, side by side.
+
+Workload: SmolLM2-135M-Instruct (fp32), P prompts alternating short ("What is a + b? Reply with
+only the number.", a few tokens) and long (GSM8K test questions, "solve step by step", up to
+`max_new_tokens`), K samples each, temperature 1. Every mode generates the same prompts:
+
+* batch      `TorchEngine.generate` on G prompts at a time (what `rollout.streaming: false` does);
+             a batch's groups are published when its slowest completion ends.
+* stream     `TorchEngine.start_stream()`, G groups in flight, a group published as soon as its K
+             completions end, a new prompt admitted into the freed slot between decode steps.
+* service    the real rollout worker (`rlrt serve rollout`, streaming, G in flight) fed over Redis;
+             the same group ids and seeds as `stream`, so the same tokens (up to float rounding).
+* service-batch  the same worker with `rollout.streaming: false` (G groups per generate call).
+* ab         overhead check on identical work: `generate([p])` vs a stream holding only that
+             group (same seed, so the same tokens), interleaved twice; tokens per CPU-s of each.
+
+Figures: generated tokens/s (EOS included) per wall second and per CPU second of the generating
+process (one torch thread, so CPU seconds measure work even when other jobs share the cores;
+the service's include its Redis and gRPC work), time to the first published group, mean live rows
+per decode step over the G x K slots (slot occupancy: what continuous batching improves; the raw
+engine modes are busy 100% of the time by construction), and for the service the engine busy
+fraction (time inside engine calls / wall time, from its /status) and tokens/s against the
+raw engine in the same mode.
+
+    .venv/bin/python bench/rollout_stream.py [--prompts 8 --groups 4 --samples 8 --max-new-tokens 256]
+        [--modes batch,stream,service,service-batch] [--model smollm2-135m-instruct | tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+MODEL = "smollm2-135m-instruct"
+SHORT = "Reply with only the number."
+LONG = "Solve the problem step by step. End with the final answer as a number."
+
+
+def problems(n: int) -> list:
+    from rlrt_core.data import arithmetic_problems, load_jsonl
+
+    short = arithmetic_problems(digits=2, ops=["+", "*"], num_problems=n, seed=0, instruction=SHORT)
+    long = load_jsonl(REPO / "data" / "gsm8k" / "gsm8k_test.jsonl", format="gsm8k", instruction=LONG,
+                      max_problems=n)
+    return [(short if i % 2 == 0 else long)[i // 2] for i in range(n)]
+
+
+def run_batch(engine, prompts, gids, args) -> dict:
+    from rlrt_core.engines import SamplingParams, derive_seed
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    first, tokens, steps = None, 0, 0
+    for i in range(0, len(prompts), args.groups):
+        sp = SamplingParams(n=args.samples, max_new_tokens=args.max_new_tokens, temperature=1.0,
+                            seed=derive_seed(args.seed, *gids[i:i + args.groups]))
+        res = engine.generate(prompts[i:i + args.groups], sp)
+        first = first or time.perf_counter() - t0
+        lens = [len(c.token_ids) for r in res for c in r.completions]
+        tokens += sum(lens)
+        steps += max(lens)  # every live row decodes one token per step
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"mode": "batch", "tokens": tokens, "seconds": wall, "cpu_s": cpu, "first_group_s": first, "steps": steps}
+
+
+def run_stream(engine, prompts, gids, args) -> dict:
+    from rlrt_core.engines import SamplingParams, derive_seed
+
+    stream = engine.start_stream()
+    todo = list(zip(gids, prompts))
+    t0, c0 = time.perf_counter(), time.process_time()
+    first, tokens, steps, inflight = None, 0, 0, 0
+    while todo or inflight:
+        while todo and inflight < args.groups:  # the service's admission rule
+            gid, p = todo.pop(0)
+            stream.add(gid, p, SamplingParams(n=args.samples, max_new_tokens=args.max_new_tokens, temperature=1.0,
+                                              seed=derive_seed(args.seed, gid)))
+            inflight += 1
+        fin = stream.step()
+        steps += 1
+        for f in fin:
+            first = first or time.perf_counter() - t0
+            tokens += sum(len(c.token_ids) for c in f.result.completions)
+            inflight -= 1
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"mode": "stream", "tokens": tokens, "seconds": wall, "cpu_s": cpu, "first_group_s": first, "steps": steps}
+
+
+def run_ab(engine, prompts, args) -> None:
+    from rlrt_core.engines import SamplingParams
+
+    sp = SamplingParams(n=args.samples, max_new_tokens=48, temperature=1.0, seed=7)
+    for rep in range(2):
+        c0 = time.process_time()
+        ref = engine.generate(prompts[1:2], sp)[0]
+        ca = time.process_time() - c0
+        stream = engine.start_stream()
+        stream.add(0, prompts[1], sp)
+        c0 = time.process_time()
+        while stream.groups:
+            for f in stream.step():
+                got = f.result
+        cb = time.process_time() - c0
+        ta, tb = (sum(len(c.token_ids) for c in r.completions) for r in (ref, got))
+        same = [c.token_ids for c in ref.completions] == [c.token_ids for c in got.completions]
+        print(f"ab rep {rep}: generate {ta} tokens {ta / ca:.1f}/CPU-s, stream {tb} tokens {tb / cb:.1f}/CPU-s, "
+              f"same tokens: {same}", flush=True)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_service(probs, gids, args, *, streaming: bool) -> dict:
+    """The rollout worker as its own process, fed PromptTasks over Redis; groups read back."""
+    import httpx
+    import yaml
+
+    from rlrt_core.proto import trajectory_pb2 as pb
+    from rlrt_core.transport import codec
+    from rlrt_core.transport.streams import StreamBus
+
+    run = f"bench-stream-{uuid.uuid4().hex[:8]}"
+    tmp = Path(tempfile.mkdtemp(prefix="rlrt-bench-"))
+    cfg = {"run_name": run, "model": {"path": args.model, "max_model_len": 1024},
+           "rollout": {"engine": "torch", "n_samples": args.samples, "temperature": 1.0,
+                       "max_new_tokens": args.max_new_tokens, "streaming": streaming,
+                       "max_inflight_groups": args.groups, "groups_per_batch": args.groups, "seed": args.seed},
+           "transport": {"redis_url": args.redis_url}, "metrics": {"run_dir": str(tmp)}}
+    (tmp / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    log = open(tmp / "rollout.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli.main", "serve", "rollout", "--config",
+                             str(tmp / "cfg.yaml"), "--worker", "rollout-0"], cwd=REPO, stdout=log,
+                            stderr=subprocess.STDOUT)
+    bus = StreamBus.from_url(args.redis_url, run)
+    try:
+        ep_file = tmp / "services" / "rollout-0.json"
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"rollout worker exited: {(tmp / 'rollout.log').read_text()[-2000:]}")
+            if ep_file.exists():
+                base = f"http://127.0.0.1:{json.loads(ep_file.read_text())['admin_port']}"
+                try:
+                    if httpx.get(f"{base}/readyz", timeout=5).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+            time.sleep(0.5)
+        bus.ensure_group("rollouts", "bench")
+
+        def collect(n: int, t0: float) -> list[tuple[float, pb.RolloutGroup]]:
+            got = []
+            while len(got) < n:
+                for e, g in bus.consume_messages("rollouts", "bench", "b", pb.RolloutGroup, count=16, block_ms=1000):
+                    got.append((time.perf_counter() - t0, g))
+                    bus.ack(e)
+                if proc.poll() is not None:
+                    raise RuntimeError(f"rollout worker exited: {(tmp / 'rollout.log').read_text()[-2000:]}")
+            return got
+
+        warm = codec.prompt_task(f"{run}-warm", run, probs[0], n_samples=2, min_version=0)
+        bus.publish("prompts", warm)
+        collect(1, time.perf_counter())
+        busy0 = httpx.get(f"{base}/status", timeout=5).json()["busy_s"]
+        c0 = _cpu_seconds(proc.pid)
+        t0 = time.perf_counter()
+        for gid, p in zip(gids, probs):
+            bus.publish("prompts", codec.prompt_task(gid, run, p, n_samples=args.samples, min_version=0))
+        got = collect(len(gids), t0)
+        wall = time.perf_counter() - t0
+        cpu = _cpu_seconds(proc.pid) - c0
+        busy = httpx.get(f"{base}/status", timeout=5).json()["busy_s"] - busy0
+        tokens = sum(len(c.token_ids) for _, g in got for c in g.completions)
+        return {"mode": "service" if streaming else "service-batch", "tokens": tokens, "seconds": wall, "cpu_s": cpu,
+                "first_group_s": min(t for t, _ in got),
+                "busy_fraction": busy / wall}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        bus.delete_run()
+        log.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prompts", type=int, default=8, help="prompts, alternating short and long (GSM8K)")
+    ap.add_argument("--groups", type=int, default=4, help="G: groups per batch / groups in flight")
+    ap.add_argument("--samples", type=int, default=8, help="K completions per prompt")
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--model", default=MODEL)
+    ap.add_argument("--modes", default="batch,stream,service")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads, here and in the service (1: OpenMP threads spinning on a loaded "
+                         "2-core box made decoding ~10x slower, see tests/test_engines.py)")
+    ap.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    args = ap.parse_args()
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    # `timeout` / Ctrl-C: unwind so the service child is stopped and its Redis keys deleted
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the service process
+    import torch
+
+    torch.set_num_threads(args.threads)
+
+    from rlrt_core.engines import SamplingParams, TorchEngine
+    from rlrt_core.prompts import student_prompt_ids
+
+    probs = problems(args.prompts)
+    gids = [f"bench-{i}" for i in range(len(probs))]
+    print(f"machine: {os.uname().nodename}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
+          f"load average {os.getloadavg()}")
+    print(f"workload: {len(probs)} prompts (short/GSM8K alternating) x K={args.samples}, <= {args.max_new_tokens} "
+          f"new tokens, T=1.0, G={args.groups} groups per batch / in flight, fp32 {args.model}")
+    rows = {}
+    if {"batch", "stream", "ab"} & set(modes):
+        engine = TorchEngine(args.model, max_model_len=1024)
+        prompts = [student_prompt_ids(engine.tokenizer, p.prompt) for p in probs]
+        print(f"prompt lengths: {[len(p) for p in prompts]}")
+        engine.generate(prompts[:1], SamplingParams(n=2, max_new_tokens=8, seed=0))  # warm-up
+        if "ab" in modes:
+            run_ab(engine, prompts, args)
+        for mode in ("batch", "stream"):
+            if mode in modes:
+                fn = run_batch if mode == "batch" else run_stream
+                rows[mode] = fn(engine, prompts, gids, args)
+                print("RESULT " + json.dumps(rows[mode]), flush=True)
+    for mode in ("service", "service-batch"):
+        if mode in modes:
+            rows[mode] = run_service(probs, gids, args, streaming=mode == "service")
+            print("RESULT " + json.dumps(rows[mode]), flush=True)
+    slots = args.groups * args.samples
+    print(f"\n| mode | tokens | wall s | tokens/s | CPU s | tokens / CPU-s | first group (s) | "
+          f"live rows / step (of {slots}) | busy |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for mode, r in rows.items():
+        occ = f"{r['tokens'] / r['steps']:.1f}" if "steps" in r else "—"
+        busy = f"{r['busy_fraction']:.2f}" if "busy_fraction" in r else "1.00"
+        print(f"| {mode} | {r['tokens']} | {r['seconds']:.1f} | {r['tokens'] / r['seconds']:.1f} | {r['cpu_s']:.1f} | "
+              f"{r['tokens'] / r['cpu_s']:.1f} | {r['first_group_s']:.1f} | {occ} | {busy} |")
+    tps = {m: r["tokens"] / r["seconds"] for m, r in rows.items()}
+    tpc = {m: r["tokens"] / r["cpu_s"] for m, r in rows.items()}
+    if "batch" in tps and "stream" in tps:
+        print(f"\nstream / batch tokens/s: {tps['stream'] / tps['batch']:.2f}x wall, "
+              f"{tpc['stream'] / tpc['batch']:.2f}x per CPU-s (goal >= 1.3x); first group "
+              f"{rows['batch']['first_group_s'] / rows['stream']['first_group_s']:.1f}x sooner")
+    if "service" in tps and "stream" in tps:
+        print(f"service / raw stream tokens/s: {tps['service'] / tps['stream']:.2f}x wall, "
+              f"{tpc['service'] / tpc['stream']:.2f}x per CPU-s (goal >= 0.9x)")
+    if "service-batch" in tps and "batch" in tps:
+        print(f"service-batch / raw batch tokens/s: {tps['service-batch'] / tps['batch']:.2f}x wall, "
+              f"{tpc['service-batch'] / tpc['batch']:.2f}x per CPU-s")
+    if "service" in tps and "service-batch" in tps:
+        print(f"service: stream / batch tokens/s: {tps['service'] / tps['service-batch']:.2f}x wall, "
+              f"{tpc['service'] / tpc['service-batch']:.2f}x per CPU-s")
+    print(f"load average after: {os.getloadavg()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
