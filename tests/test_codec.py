@@ -114,7 +114,11 @@ def test_token_versions_round_trip_and_group_version_is_the_oldest() -> None:
     g = codec.decode(codec.encode(_streamed_group()), pb.RolloutGroup, limits=codec.Limits(max_version=6))
     assert [list(c.token_versions) for c in g.completions] == [[5, 5, 6], [4, 6]]
     assert g.version == 4  # not the result's 6: the learner's staleness filter reads this
-    assert codec.group_tensors(g).version == 4
+    g.verifier_results.add(reward=1.0)
+    g.verifier_results.add(reward=0.0)
+    from rlrt_core.learner import train_group
+
+    assert train_group(g).version == 4
     # a batch-synchronous group without per-token versions stays valid
     old = _pipeline_group()
     for c in old.completions:
