@@ -276,9 +276,12 @@ class LearnerLoop:
 
     def _publish(self, version: int) -> None:
         t0 = time.perf_counter()
+        # The weight server copies each tensor once, from any device, into its version
+        # buffer: hand it the parameters themselves (a `.to("cpu")` here staged a GPU model
+        # through a second full host copy).
         with self.learner.full_params():
-            weights = {k: v.detach().to("cpu") for k, v in self.model.state_dict().items()}
-        self.weights.publish(version, weights)
+            weights = {k: v.detach() for k, v in self.model.state_dict().items()}
+            self.weights.publish(version, weights)
         if self.m is not None:
             self.m.learner_weight_version.set(version)
             self.m.weight_publish_seconds.observe(time.perf_counter() - t0)
