@@ -331,13 +331,15 @@ def table(setups: list[Setup], results: list[RunResult], max_foreign: float) -> 
         foreign = max(r.foreign_cores for r in rs)
         if s is setups[0]:
             ratio = "1.00x" if not base_busy else "refused: box busy"
+        elif not base:
+            ratio = "n/a: no run of the first configuration"
         elif base_busy or foreign > max_foreign:
             ratio = "refused: box busy"
         else:
             ratio = f"{_med(tps) / _med([r.tokens_per_s for r in base]):.2f}x"
         if ratio.startswith("refused"):
             notes.append(f"{s.name}: foreign load up to {foreign:.2f} cores (limit {max_foreign:.2f}; first "
-                         f"configuration {max(r.foreign_cores for r in base):.2f}), load average up to "
+                         f"configuration {max((r.foreign_cores for r in base), default=0.0):.2f}), load average up to "
                          f"{max(r.loadavg_max for r in rs):.1f}: no ratio printed, the box was busy with something else")
         slow = max({r.slowest_stage for r in rs if r.slowest_stage}, key=lambda k: sum(r.slowest_stage == k for r in rs),
                    default="n/a")
@@ -388,22 +390,31 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {os.cpu_count()} cores ({model}); recipe {args.recipe}; {args.steps} steps per run, "
           f"warm-up {args.warmup}; {args.repeats} repeat(s), interleaved", flush=True)
     all_results: dict[str, list[RunResult]] = {}
+    any_failed = False
     for suite in suites:
         setups = SUITES[suite]
         results: list[RunResult] = []
+        failures: list[str] = []
         for rep in range(args.repeats):
             for i, s in enumerate(setups):
                 d = args.dir / suite / f"{i}-r{rep}"
-                r = run_once(args.recipe, s, args.steps, args.warmup, d, rep, args.timeout)
+                try:
+                    r = run_once(args.recipe, s, args.steps, args.warmup, d, rep, args.timeout)
+                except (RuntimeError, TimeoutError) as err:  # e.g. a service killed by the OOM killer
+                    failures.append(f"{s.name} #{rep + 1}: {err}")
+                    print(f"  [{suite}] {s.name} #{rep + 1}: FAILED: {err}", flush=True)
+                    continue
                 results.append(r)
                 print(f"  [{suite}] {s.name} #{rep + 1}: {r.tokens_per_s:.1f} tok/s, {r.steps_per_min:.2f} steps/min, "
                       f"learner busy {r.learner_busy:.2f}, foreign {r.foreign_cores:.2f} cores, "
                       f"load<= {r.loadavg_max:.1f}", flush=True)
         all_results[suite] = results
-        print(f"\n== suite {suite}\n{table(setups, results, args.max_foreign_cores)}\n", flush=True)
+        any_failed = any_failed or bool(failures)
+        print(f"\n== suite {suite}\n{table(setups, results, args.max_foreign_cores)}\n"
+              + "".join(f"failed run: {f}\n" for f in failures), flush=True)
     if args.json:
         args.json.write_text(json.dumps({k: [asdict(r) for r in v] for k, v in all_results.items()}, indent=1))
-    return 0
+    return 1 if any_failed else 0
 
 
 if __name__ == "__main__":

@@ -75,3 +75,9 @@ def test_tiny_recipe_run_prints_a_sane_table(tmp_path):
             assert re.fullmatch(r"\d+\.\d\dx", r["vs first"]) or r["vs first"] == "refused: box busy"
     # two workers: the peak RSS of both is counted
     assert float(rows[1]["peak RSS MiB"].split("rollout ")[1].split()[0]) > float(rows[0]["peak RSS MiB"].split("rollout ")[1].split()[0]) * 1.5
+
+
+def test_a_failed_first_configuration_leaves_no_ratio():
+    rows = bp.parse_table(bp.table(SETUPS, [result("b", 30, 0.0)], max_foreign=0.2))
+    assert [r["config"] for r in rows] == ["b"]
+    assert rows[0]["vs first"] == "n/a: no run of the first configuration"
