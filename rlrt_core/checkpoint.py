@@ -103,8 +103,16 @@ def save_checkpoint(root: str | os.PathLike[str], *, step: int, version: int, mo
     tmp.mkdir()
     if write_files is not None:  # first: ranks wait in it, so nothing of ours may fail before
         write_files(tmp)
-    # Tied weights (embed/lm_head) share storage; safetensors refuses shared tensors, so clone.
-    sd = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    # Tied weights (embed/lm_head) share storage and safetensors refuses shared tensors: clone
+    # the second name of a shared storage only (a full clone cost the learner one more model
+    # copy at every checkpoint). safetensors writes each tensor straight from its memory.
+    sd: dict[str, torch.Tensor] = {}
+    seen: set[tuple[str, int]] = set()
+    for k, v in model.state_dict().items():
+        v = v.detach().cpu().contiguous()
+        key = (str(v.device), v.untyped_storage().data_ptr())
+        sd[k] = v.clone() if key in seen else v
+        seen.add(key)
     save_file(sd, str(tmp / "model.safetensors"))
     state: dict[str, Any] = {"step": step, "version": version, "extra": extra or {}}
     if optimizer is not None:

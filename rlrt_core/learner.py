@@ -287,6 +287,11 @@ class PolicyLearner:
                         torch.isneginf(s.teacher_support_logprobs)).all()):
                     raise ValueError(f"group {g.group_id} sample {i}: teacher support log-probs hold NaN or +inf")
 
+    def _one_update(self, n_groups: int) -> bool:
+        """True when a step on `n_groups` groups makes exactly one optimizer update (one PPO
+        epoch, one mini-batch), so its training forward runs on π_old's weights."""
+        return self.cfg.ppo_epochs == 1 and self.cfg.mini_batch_groups >= n_groups
+
     def step(self, groups: Sequence[TrainGroup]) -> StepResult:
         """One learner step on `groups` (normally `groups_per_step` of them)."""
         if not groups:
@@ -318,8 +323,12 @@ class PolicyLearner:
         advantages = torch.cat(adv_rows).to(self.device)
 
         # 2. π_old: the weights before this step (the behaviour policy may be older); only for
-        # losses with a PPO ratio
-        old_lp = self._old_logprobs(prompts, responses, T) if loss_spec.needs_old_logprobs else None
+        # losses with a PPO ratio. When the step makes one optimizer update, the training forward
+        # runs on exactly these weights: π_old is then its own output, detached (as verl does),
+        # not a separate pass.
+        detached_old = loss_spec.needs_old_logprobs and self._one_update(len(groups))
+        old_lp = (self._old_logprobs(prompts, responses, T)
+                  if loss_spec.needs_old_logprobs and not detached_old else None)
 
         # 3. token advantages (eq. 7). Rollouts without teacher scores get D̂ = 0 (weight 1).
         lam = algorithms.mixing_schedule(self.step_index, lam_init=algo.lam_init, decay_steps=algo.decay_steps)
@@ -393,6 +402,8 @@ class PolicyLearner:
                     lp, ent, sup = self._logprobs([prompts[i] for i in idx], [responses[i] for i in idx], T,
                                                   grad=True, with_entropy=algo.entropy_coef > 0,
                                                   support_ids=micro.support_ids)
+                    if detached_old:
+                        micro.old_logprobs = lp.detach()
                     m = micro.mask
                     if not (bool(torch.isfinite(lp[m]).all())
                             and (micro.old_logprobs is None or bool(torch.isfinite(micro.old_logprobs[m]).all()))):

@@ -272,6 +272,9 @@ class LearnerLoop:
 
     def _publish(self, version: int) -> None:
         t0 = time.perf_counter()
+        # The weight server copies each tensor once, from any device, into its version
+        # buffer: hand it the parameters themselves (a `.to("cpu")` here staged a GPU model
+        # through a second full host copy).
         with self.learner.full_params():
             # Straight from the (gathered) parameters into the version buffer, cast to the
             # engines' dtype on that one copy: no full-size CPU staging copy.

@@ -131,3 +131,36 @@ def test_checkpoint_keeps_only_the_newest(tiny_path, tmp_path):
     (tmp_path / "step_000009").mkdir()
     (tmp_path / "latest").unlink()
     assert latest_checkpoint(tmp_path).name == "step_000004"
+
+
+@pytest.mark.parametrize("method", ["rlrt", "grpo"])
+def test_one_update_takes_pi_old_from_the_training_forward(tiny_path, method):
+    """One PPO epoch, one mini-batch: π_old is the training forward detached, with the same
+    loss, gradient and update as a separate π_old pass (which such a step no longer runs)."""
+    fused, separate = _learner(tiny_path, method=method), _learner(tiny_path, method=method)
+    groups = _groups(fused)
+    for g in groups:  # behaviour != π_old, so the truncated IS weights see π_old's values
+        for s in g.samples:
+            s.behavior_logprobs = [x - 0.3 * (i % 2) for i, x in enumerate(s.behavior_logprobs)]
+    passes = []
+    fused._old_logprobs = lambda *a: passes.append(a) or pytest.fail("separate π_old pass")
+    separate._one_update = lambda n: False  # the path a multi-update step takes
+    ra, rb = fused.step(groups), separate.step(groups)
+    assert not passes and ra.applied_updates == rb.applied_updates == 1
+    for k in ("loss/loss", "loss/is_weight_mean", "optim/grad_norm"):
+        assert ra.metrics[k] == pytest.approx(rb.metrics[k], rel=1e-6, abs=1e-9), k
+    assert ra.metrics["loss/is_weight_mean"] != pytest.approx(1.0)
+    for (k, a), (_, b) in zip(fused.model.state_dict().items(), separate.model.state_dict().items()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-7), k
+
+
+def test_several_updates_keep_the_separate_pi_old_pass(tiny_path):
+    # two mini-batches: the second trains on weights the first moved, so π_old is a pass of its own
+    learner = PolicyLearner(load_model(tiny_path), LearnerConfig(lr=1e-3, warmup_steps=0, groups_per_step=2,
+                                                                 mini_batch_groups=1, micro_batch_size=4),
+                            AlgorithmConfig(method="rlrt", lam_init=0.5, eps_w=0.5))
+    calls = []
+    orig = learner._old_logprobs
+    learner._old_logprobs = lambda *a: calls.append(1) or orig(*a)
+    res = learner.step(_groups(learner))
+    assert calls == [1] and res.applied_updates == 2
