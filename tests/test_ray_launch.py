@@ -87,7 +87,8 @@ def test_ray_launch_trains_and_restarts_killed_services(tmp_path):
     assert "weights_port: 0\n" in effective and "weights_target: null" in effective
     assert "weight server listening on 127.0.0.1:" in (logs / "learner-0.log").read_text()
     ck = run.run_dir / "checkpoints" / "step_000006"
-    assert (ck / "model.safetensors").is_file() and (ck / "optimizer.safetensors").is_file()
+    # ZeRO: every rank's optimizer shard (fp32 master weights and Adam moments) in safetensors
+    assert (ck / "model.safetensors").is_file() and (ck / "zero_rank000_of_001.safetensors").is_file()
     assert "DeepSpeed" in (logs / "learner-0.log").read_text()
     for pid in service_pids:  # stop() ended every service process
         deadline = time.time() + 10
