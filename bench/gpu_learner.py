@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         del opt
         for step, s, mem in (("rlrt", rl_s, rl_mem), ("plain", plain_s, plain_mem)):
             ratio = f"{plain_s / rl_s:.2f}x" if step == "rlrt" else "1.00x"
-            print(f"| {L} | {step} | {s:.3f} | {n_resp / s:.0f} | {n_all / s:.0f} | {mem:.1f} | {ratio} |", flush=True)
+            print(f"| {L} | {step} | {s:.4g} | {n_resp / s:.0f} | {n_all / s:.0f} | {mem:.1f} | {ratio} |", flush=True)
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     return 0
