@@ -272,6 +272,36 @@ class TransportConfig(_Section):
     weights_delta: bool = True
     weights_delta_encoding: Literal["sparse", "xor-zstd"] = Field(
         "sparse", description="how the weight server encodes deltas (bench/weights.py compares them)")
+    # Where workers pull versions from: "off" = the learner; "auto" = a live weight relay from
+    # the Redis registry (own node first), falling back to other relays, then the learner.
+    weights_relay: Literal["off", "auto"] = "off"
+    weights_relay_wait_s: float = Field(
+        30.0, ge=0.0, le=3600.0,
+        description="how long a worker waits for its relay to hold an announced version before the next source")
+    # The node this process runs on, for relay affinity (k8s: the pod's spec.nodeName);
+    # None = the host name.
+    weights_node: str | None = None
+
+
+class RelayConfig(_Section):
+    """A weight relay (`rlrt serve relay`, rlrt_core.weights.relay): pulls each version once
+    from `upstream` and serves it to the workers of its node."""
+
+    host: str = "127.0.0.1"  # bind address ("0.0.0.0" in containers)
+    port: int = Field(0, ge=0, le=65_535)  # 0 = a free port; a fixed one is retried while taken
+    advertise: str | None = None  # host workers dial (default: host, or this machine's address)
+    # A fixed upstream host:port (another relay, or a learner address); None = the address
+    # the learner announces (also the fallback when a fixed upstream fails).
+    upstream: str | None = None
+    ttl_s: float = Field(15.0, gt=0.0, le=3600.0, description="lifetime of the relay's registry record in Redis")
+    heartbeat_s: float = Field(5.0, gt=0.0, le=600.0, description="how often the relay refreshes its record")
+    poll_s: float = Field(0.2, gt=0.0, le=60.0, description="how often the relay checks for a new announced version")
+
+    @model_validator(mode="after")
+    def _beats_before_expiry(self) -> "RelayConfig":
+        if self.heartbeat_s >= self.ttl_s:
+            raise ValueError(f"relay.heartbeat_s ({self.heartbeat_s}) must be shorter than relay.ttl_s ({self.ttl_s})")
+        return self
 
 
 class MetricsConfig(_Section):
@@ -341,6 +371,7 @@ class RunConfig(_Section):
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     transport: TransportConfig = Field(default_factory=TransportConfig)
+    relay: RelayConfig = Field(default_factory=RelayConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     launcher: LauncherConfig = Field(default_factory=LauncherConfig)
     ray: RayConfig = Field(default_factory=RayConfig)

@@ -122,6 +122,13 @@ METRICS: tuple[MetricSpec, ...] = (
        label="kind", label_values=("full", "delta", "fallback")),
     _c("weight_received_bytes", "rlrt_rollout_weight_received_bytes_total", "bytes", R,
        "Weight payload bytes received from the weight server (deltas as encoded)."),
+    _c("weight_source_pulls", "rlrt_rollout_weight_source_pulls_total", "", R,
+       "Weight versions pulled, by source: a weight relay, or the learner itself.",
+       label="source", label_values=("relay", "learner")),
+    _c("weight_source_fallbacks", "rlrt_rollout_weight_source_fallbacks_total", "", R,
+       "Weight relays passed over for a version, by reason: unavailable (gone or failed mid-pull), "
+       "behind (did not hold the version within transport.weights_relay_wait_s).",
+       label="reason", label_values=("unavailable", "behind")),
     _h("generate_seconds", "rlrt_rollout_generate_seconds", "seconds", R,
        "Wall time of one engine generate call (a batch of prompt groups); streaming: of one group, "
        "from admission to its last token."),
@@ -168,6 +175,13 @@ METRICS: tuple[MetricSpec, ...] = (
        label="kind", label_values=("full", "delta", "fallback")),
     _c("weight_received_bytes", "rlrt_teacher_weight_received_bytes_total", "bytes", T,
        "Weight payload bytes received from the weight server (deltas as encoded)."),
+    _c("weight_source_pulls", "rlrt_teacher_weight_source_pulls_total", "", T,
+       "Weight versions pulled, by source: a weight relay, or the learner itself.",
+       label="source", label_values=("relay", "learner")),
+    _c("weight_source_fallbacks", "rlrt_teacher_weight_source_fallbacks_total", "", T,
+       "Weight relays passed over for a version, by reason: unavailable (gone or failed mid-pull), "
+       "behind (did not hold the version within transport.weights_relay_wait_s).",
+       label="reason", label_values=("unavailable", "behind")),
     _h("score_seconds", "rlrt_teacher_score_seconds", "seconds", T,
        "Wall time to score one batch of rollout groups under both views."),
     # -- learner -------------------------------------------------------------------------
@@ -352,6 +366,8 @@ class RolloutMetrics(ServiceMetrics):
     weight_load_seconds: Histogram
     weight_pulls: LabelledMetric
     weight_received_bytes: Counter
+    weight_source_pulls: LabelledMetric
+    weight_source_fallbacks: LabelledMetric
     generate_seconds: Histogram
     engine_busy_seconds: Counter
     engine_busy: Gauge
@@ -377,6 +393,8 @@ class TeacherMetrics(ServiceMetrics):
     teacher_weight_load_seconds: Histogram
     weight_pulls: LabelledMetric
     weight_received_bytes: Counter
+    weight_source_pulls: LabelledMetric
+    weight_source_fallbacks: LabelledMetric
     score_seconds: Histogram
 
 

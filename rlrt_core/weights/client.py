@@ -54,11 +54,13 @@ _HASH_BACKLOG = 8  # chunks waiting for the verify thread
 
 
 class WeightServiceError(RuntimeError):
-    """A weight RPC failed; `code` is the gRPC status code."""
+    """A weight RPC failed; `code` is the gRPC status code. `held_intact`: set by `pull` when
+    the call failed before any byte of the held version was touched (it may be reused)."""
 
     def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.held_intact = False
 
 
 class ChecksumMismatchError(WeightServiceError):
@@ -385,7 +387,12 @@ class WeightClient:
             return Pull(stream.kept, "full", stream.bytes_received)
         delta_stream: WeightStream | None = None
         try:
-            delta_stream = self.stream(version, base=held, keep=True, encodings=encodings)
+            try:
+                delta_stream = self.stream(version, base=held, keep=True, encodings=encodings)
+            except WeightServiceError as err:
+                # Nothing was applied yet (the stream did not start): the caller keeps `held`.
+                err.held_intact = not isinstance(err, WeightStreamError)
+                raise
             for _ in delta_stream:
                 pass
             received = delta_stream.bytes_received

@@ -345,9 +345,12 @@ class WeightServer:
         self.streams: dict[str, int] = {"full": 0, "delta": 0}
 
     @classmethod
-    def from_config(cls, transport: Any, *, token: str | None = None) -> "WeightServer":
-        """Build from a `TransportConfig` (token from `load_token` unless given)."""
-        return cls(token=token or load_token(transport), host=transport.weights_host, port=transport.weights_port,
+    def from_config(cls, transport: Any, *, token: str | None = None, host: str | None = None,
+                    port: int | None = None) -> "WeightServer":
+        """Build from a `TransportConfig` (token from `load_token` unless given; host/port
+        override weights_host/weights_port, e.g. for a relay)."""
+        return cls(token=token or load_token(transport), host=transport.weights_host if host is None else host,
+                   port=transport.weights_port if port is None else port,
                    keep_versions=transport.keep_versions, chunk_bytes=transport.weights_chunk_bytes,
                    tls_cert=transport.tls_cert, tls_key=transport.tls_key,
                    delta_encoding=transport.weights_delta_encoding)

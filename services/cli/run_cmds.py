@@ -126,13 +126,13 @@ def train(
 
 @app.command("serve")
 def serve(
-    service: str = typer.Argument(..., help="rollout | verifier | teacher | learner"),
+    service: str = typer.Argument(..., help="rollout | verifier | teacher | learner | relay"),
     config: Path = typer.Option(..., "--config", "-c", help="recipe YAML (env RLRT__* overrides apply)"),
     worker: Optional[str] = typer.Option(None, "--worker", help="worker id (default: <service>-<hostname>)"),
 ) -> None:
     """Run one service alone (what docker-compose and Kubernetes run)."""
-    if service not in SERVICES:
-        console.print(f"[red]error:[/red] unknown service {service!r}; choose one of {', '.join(SERVICES)}")
+    if service not in (*SERVICES, "relay"):
+        console.print(f"[red]error:[/red] unknown service {service!r}; choose one of {', '.join(SERVICES)}, relay")
         raise typer.Exit(2)
     cfg = _load(config)
     from services.common.runtime import default_worker_id
@@ -144,6 +144,8 @@ def serve(
         from services.verifier.main import run
     elif service == "teacher":
         from services.teacher.main import run
+    elif service == "relay":
+        from services.relay.main import run
     else:
         from services.learner.main import run
     raise typer.Exit(run(cfg, worker_id))

@@ -15,11 +15,20 @@ kept, checksum mismatch, corrupt chunk) ends in a full pull. Engine tensors are 
 the base: vLLM repacks its weights, and an engine may hold another dtype than the one
 published. Pulls are counted by kind (`rlrt_{rollout,teacher}_weight_pulls_total`) with the
 bytes received, when `metrics` is given.
+
+With `transport.weights_relay: auto` a version is pulled from a weight relay
+(`rlrt_core.weights.relay`): the live relays in Redis, own node first; a relay that is gone,
+fails mid-pull, or does not hold the version within `transport.weights_relay_wait_s` is
+passed over (`rlrt_{rollout,teacher}_weight_source_fallbacks_total`) for the next one, and
+the learner is the last source, so the worker always ends with the announced version,
+sha256-verified like any pull.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 from typing import Any, Callable, Iterable
 
@@ -36,20 +45,35 @@ class VersionWaitTimeout(TimeoutError):
     """No weight version >= the one needed was announced within the deadline."""
 
 
+class _Behind(Exception):
+    """A source served an older version than the one asked for (a relay that lost it)."""
+
+
 class WeightSync:
     def __init__(self, cfg: RunConfig, redis_client, load: Loader, *, version: int = 0,
                  on_loaded: Callable[[int, float], None] | None = None,
-                 on_wait: Callable[[str | None], None] | None = None, metrics: Any = None) -> None:
+                 on_wait: Callable[[str | None], None] | None = None, metrics: Any = None,
+                 worker: str | None = None) -> None:
         self.cfg = cfg
         self.redis = redis_client
         self.load = load
         self.version = version
         self.on_loaded = on_loaded
         self.on_wait = on_wait or (lambda _what: None)
-        self._client = None
-        self._target: str | None = None
+        self._clients: dict[str, Any] = {}  # target -> WeightClient
         self.metrics = metrics  # RolloutMetrics / TeacherMetrics: weight_pulls, weight_received_bytes
         self.held = None  # HeldVersion of `version` when deltas are on
+        # The worker id spreads workers over relays (rendezvous hash).
+        self.worker = worker or getattr(metrics, "worker", None) or f"{socket.gethostname()}-{os.getpid()}"
+        self._learner: str | None = None
+        self._sources = None
+        if cfg.transport.weights_relay == "auto":
+            from rlrt_core.weights.relay import RelaySources, node_name
+
+            t = cfg.transport
+            self._sources = RelaySources(redis_client, cfg.run_name, worker_id=self.worker,
+                                         node=node_name(t.weights_node), prefix=t.stream_prefix,
+                                         wait_s=t.weights_relay_wait_s, on_fallback=self._count_fallback)
 
     def announcement(self):
         """The run's latest announcement (version, address), or None before the first."""
@@ -61,17 +85,30 @@ class WeightSync:
         a = self.announcement()
         return -1 if a is None else int(a.version)
 
-    def _client_for(self, address: str):
+    def _learner_target(self, address: str) -> str | None:
+        target = self.cfg.transport.weights_target or address or None
+        if target != self._learner:  # a restarted learner listens elsewhere: forget the old one
+            self._drop_client(self._learner)
+            self._learner = target
+        return target
+
+    def _client_for(self, target: str | None):
         from rlrt_core.weights.client import WeightClient
 
-        t = self.cfg.transport
-        target = t.weights_target or address or None
-        if self._client is None or target != self._target:
-            if self._client is not None:
-                self._client.close()
-            self._client = WeightClient.from_config(t, target=target)
-            self._target = target
-        return self._client
+        key = target or ""
+        client = self._clients.get(key)
+        if client is None:
+            client = self._clients[key] = WeightClient.from_config(self.cfg.transport, target=target)
+        return client
+
+    def _drop_client(self, target: str | None) -> None:
+        client = self._clients.pop(target or "", None)
+        if client is not None:
+            client.close()
+
+    def _count_fallback(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.weight_source_fallbacks.labels(reason=reason).inc()
 
     def sync(self, min_version: int = -1, *, wait: bool = False, stop: Callable[[], bool] = lambda: False,
              poll_s: float = 0.2, timeout_s: float | None = None) -> int:
@@ -102,29 +139,64 @@ class WeightSync:
             self.on_wait(None)
 
     def _pull(self, version: int, address: str = "") -> int:
-        client = self._client_for(address)
+        learner = self._learner_target(address)
+        if self._sources is None:
+            return self._pull_from(learner, version, "learner", accept_older=True)
+        from rlrt_core.weights.client import WeightServiceError
+
+        for src in self._sources.candidates(version, learner or ""):
+            if src.kind == "learner":
+                # The last source: a substituted (newer) version is fine, as without relays.
+                return self._pull_from(learner, version, "learner", accept_older=True)
+            try:
+                return self._pull_from(src.target, version, "relay", accept_older=False)
+            except WeightServiceError as err:
+                self._drop_client(src.target)
+                self._sources.fallback(src, "unavailable", str(err))
+            except _Behind as err:
+                self._sources.fallback(src, "behind", str(err))
+        raise AssertionError("unreachable: the learner is always the last source")
+
+    def _pull_from(self, target: str | None, version: int, source: str, *, accept_older: bool) -> int:
+        """Pull `version` from `target`, load it, count it; `_Behind` (nothing loaded) when
+        the source sent an older version and `accept_older` is False."""
+        client = self._client_for(target)
         if not self.cfg.transport.weights_delta:
             stream = client.stream(version)
             got = stream.version  # the latest, when the announced one is no longer kept
+            if got < version and not accept_older:
+                stream.cancel()
+                raise _Behind(f"{client.target} sent version {got}, not {version}")
             self.load(stream, got)
             kind, received, why = "full", stream.bytes_received, ""
         else:
             # The held copy is consumed by the pull (rebuilt in place): if anything below
-            # fails, nothing half-rebuilt stays behind and the next pull is a full one.
+            # fails, nothing half-rebuilt stays behind and the next pull is a full one --
+            # unless the call failed before touching it.
             held, self.held = self.held, None
-            pulled = client.pull(version, held=held)
+            try:
+                pulled = client.pull(version, held=held)
+            except Exception as err:
+                if getattr(err, "held_intact", False):
+                    self.held = held
+                raise
             got = pulled.version
+            if got < version and not accept_older:
+                self.held = pulled.held  # verified, just older: a base for the next source
+                raise _Behind(f"{client.target} sent version {got}, not {version}")
             self.load(pulled.held.items(), got)  # verified before the engine sees it
             self.held = pulled.held
             kind, received, why = pulled.kind, pulled.bytes_received, pulled.reason
         if self.metrics is not None:
             self.metrics.weight_pulls.labels(kind=kind).inc()
             self.metrics.weight_received_bytes.inc(received)
+            self.metrics.weight_source_pulls.labels(source=source).inc()
         self.version = got
-        log.info("loaded weight version %d (%s, %d bytes received%s)", got, kind, received,
-                 f": {why}" if why else "")
+        log.info("loaded weight version %d from %s %s (%s, %d bytes received%s)", got, source, client.target, kind,
+                 received, f": {why}" if why else "")
         return got
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
+        for client in self._clients.values():
+            client.close()
+        self._clients.clear()

@@ -1,0 +1,312 @@
+"""Weight relays: fan-out that does not load the learner.
+
+A relay follows the run's version announcements, pulls each new version once from its
+upstream (the learner, or another relay) -- a delta from the version it holds when it has
+one, else in full, sha256-verified by `WeightClient.pull` -- and serves it to its own
+clients with an ordinary `WeightServer` (same wire format, full and delta streams, the same
+`keep_versions`, the same token interceptor and TLS): the learner sends one copy per
+version per relay instead of one per worker. One relay per node (a k8s DaemonSet, a
+compose service) keeps the copy to the workers on the node's loopback or LAN.
+
+Registry (Redis): every relay writes `{prefix}:{run}:weights:relay:{id}` (JSON: address,
+node, versions held, bytes sent, last_seen) with a TTL of `relay.ttl_s`, refreshed every
+`relay.heartbeat_s` and right after each new version, and adds its id to the set
+`{prefix}:{run}:weights:relays`. A relay that dies disappears from `live_relays` when its
+key expires; one that stops cleanly removes itself.
+
+Workers (`transport.weights_relay: auto`) order the live relays with `order_relays`: relays
+on their own node first, the others by rendezvous hash of (worker id, relay id) so the
+workers of a node-less deployment spread evenly and keep their relay while it lives. The
+learner comes last. `RelaySources` walks that order for one version: it waits (up to
+`transport.weights_relay_wait_s`) for a live relay to list the version, and moves to the
+next source when the relay dies, errs, or is still behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+from rlrt_core.weights.announce import read_announcement
+from rlrt_core.weights.client import HeldVersion, WeightClient, WeightServiceError
+from rlrt_core.weights.server import WeightServer
+
+log = logging.getLogger(__name__)
+
+
+def relays_key(run: str, prefix: str = "rlrt") -> str:
+    """Set of the ids of the run's relays (live or expired: readers prune)."""
+    return f"{prefix}:{run}:weights:relays"
+
+
+def relay_key(run: str, relay_id: str, prefix: str = "rlrt") -> str:
+    """One relay's record (JSON, with a TTL)."""
+    return f"{prefix}:{run}:weights:relay:{relay_id}"
+
+
+@dataclass(frozen=True)
+class RelayRecord:
+    relay_id: str
+    address: str                # host:port its clients dial
+    node: str                   # node (host) it serves
+    versions: tuple[int, ...]   # versions it holds and serves
+    last_seen: float            # unix seconds
+    bytes_sent: int = 0         # payload bytes its server sent (its egress)
+    pulled_bytes: int = 0       # payload bytes it received from upstream
+
+    def to_json(self) -> str:
+        return json.dumps({"relay_id": self.relay_id, "address": self.address, "node": self.node,
+                           "versions": list(self.versions), "last_seen": self.last_seen,
+                           "bytes_sent": self.bytes_sent, "pulled_bytes": self.pulled_bytes})
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> "RelayRecord":
+        d = json.loads(raw)
+        return cls(relay_id=str(d["relay_id"]), address=str(d["address"]), node=str(d.get("node", "")),
+                   versions=tuple(int(v) for v in d.get("versions", ())), last_seen=float(d.get("last_seen", 0.0)),
+                   bytes_sent=int(d.get("bytes_sent", 0)), pulled_bytes=int(d.get("pulled_bytes", 0)))
+
+
+def register_relay(client: Any, run: str, record: RelayRecord, *, ttl_s: float, prefix: str = "rlrt") -> None:
+    """Write (or refresh) a relay's record with a TTL of `ttl_s`."""
+    pipe = client.pipeline(transaction=True)
+    pipe.sadd(relays_key(run, prefix), record.relay_id)
+    pipe.set(relay_key(run, record.relay_id, prefix), record.to_json(), px=max(1, int(ttl_s * 1000)))
+    pipe.execute()
+
+
+def unregister_relay(client: Any, run: str, relay_id: str, *, prefix: str = "rlrt") -> None:
+    pipe = client.pipeline(transaction=True)
+    pipe.srem(relays_key(run, prefix), relay_id)
+    pipe.delete(relay_key(run, relay_id, prefix))
+    pipe.execute()
+
+
+def live_relays(client: Any, run: str, *, prefix: str = "rlrt") -> list[RelayRecord]:
+    """The relays whose record has not expired (ids whose record expired are pruned)."""
+    ids = sorted(i.decode() if isinstance(i, bytes) else str(i) for i in client.smembers(relays_key(run, prefix)))
+    if not ids:
+        return []
+    raws = client.mget([relay_key(run, i, prefix) for i in ids])
+    out, gone = [], []
+    for rid, raw in zip(ids, raws):
+        if raw is None:
+            gone.append(rid)
+            continue
+        try:
+            out.append(RelayRecord.from_json(raw))
+        except (ValueError, KeyError, TypeError):
+            log.warning("relay record %s is not valid JSON; ignored", rid)
+    if gone:
+        client.srem(relays_key(run, prefix), *gone)
+    return out
+
+
+def _score(worker_id: str, relay_id: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{worker_id}\0{relay_id}".encode()).digest()[:8], "big")
+
+
+def order_relays(relays: list[RelayRecord], *, worker_id: str, node: str) -> list[RelayRecord]:
+    """The order a worker tries relays in: those on `node` first, then the rest; within each,
+    by rendezvous hash of (worker_id, relay_id) (stable, and spread evenly across workers)."""
+    return sorted(relays, key=lambda r: (r.node != node, -_score(worker_id, r.relay_id)))
+
+
+def node_name(configured: str | None) -> str:
+    """The node a worker or relay runs on: the configured name (k8s: the pod's spec.nodeName),
+    else this host's name."""
+    return configured or socket.gethostname()
+
+
+# -- worker side ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str      # "relay" | "learner"
+    target: str    # host:port
+    relay_id: str = ""
+
+
+class RelaySources:
+    """Where one worker pulls a version from, in order, with the waits and fallbacks.
+
+    redis / run / prefix: where the relay registry lives. worker_id, node: this worker's id
+    and node (`order_relays`). wait_s: how long to wait for a live relay to hold a version
+    before the next source; poll_s: registry polling period while waiting.
+    on_fallback(reason): called each time a relay is passed over ("unavailable": gone or
+    failed; "behind": it did not hold the version within wait_s).
+    """
+
+    def __init__(self, redis: Any, run: str, *, worker_id: str, node: str, prefix: str = "rlrt",
+                 wait_s: float = 30.0, poll_s: float = 0.1,
+                 on_fallback: Callable[[str], None] | None = None) -> None:
+        self.redis, self.run, self.prefix = redis, run, prefix
+        self.worker_id, self.node = worker_id, node
+        self.wait_s, self.poll_s = wait_s, poll_s
+        self.on_fallback = on_fallback or (lambda _reason: None)
+
+    def _record(self, relay_id: str) -> RelayRecord | None:
+        raw = self.redis.get(relay_key(self.run, relay_id, self.prefix))
+        return None if raw is None else RelayRecord.from_json(raw)
+
+    def wait_until_held(self, relay_id: str, version: int) -> str:
+        """"ok" once the relay lists `version` (or a newer one), "unavailable" when its record
+        expires, "behind" after wait_s."""
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            rec = self._record(relay_id)
+            if rec is None:
+                return "unavailable"
+            if rec.versions and max(rec.versions) >= version:
+                return "ok"
+            if time.monotonic() >= deadline:
+                return "behind"
+            time.sleep(self.poll_s)
+
+    def relays(self) -> list[Source]:
+        ordered = order_relays(live_relays(self.redis, self.run, prefix=self.prefix),
+                               worker_id=self.worker_id, node=self.node)
+        return [Source("relay", r.address, r.relay_id) for r in ordered]
+
+    def fallback(self, source: Source, reason: str, detail: str = "") -> None:
+        log.warning("weight relay %s (%s) passed over: %s%s", source.relay_id, source.target, reason,
+                    f" ({detail})" if detail else "")
+        self.on_fallback(reason)
+
+    def candidates(self, version: int, learner: str) -> Iterator[Source]:
+        """Sources to try for `version`, best first; each relay is yielded only once it holds
+        the version (the wait and the pass-overs happen here); the learner last. The caller
+        reports a failed pull with `fallback(source, "unavailable")` and asks for the next."""
+        for src in self.relays():
+            state = self.wait_until_held(src.relay_id, version)
+            if state != "ok":
+                self.fallback(src, state, f"version {version}")
+                continue
+            yield src
+        yield Source("learner", learner)
+
+
+# -- the relay ----------------------------------------------------------------------------
+
+
+class WeightRelay:
+    """Follows announcements, pulls each version once from upstream, serves it with `server`.
+
+    server: a started-or-not `WeightServer` (its token, TLS and keep_versions are the
+    relay's). make_client(target): a `WeightClient` to an upstream address (carries the run's
+    token and TLS CA). upstream: a fixed upstream address (another relay, or a pinned
+    learner address); None = the address in the learner's announcement. The learner's
+    announced address is also the fallback when a fixed upstream fails.
+    """
+
+    def __init__(self, server: WeightServer, redis: Any, run: str, *, make_client: Callable[[str], WeightClient],
+                 relay_id: str, advertise: str, node: str, prefix: str = "rlrt", upstream: str | None = None,
+                 ttl_s: float = 15.0, heartbeat_s: float = 5.0, poll_s: float = 0.2) -> None:
+        if heartbeat_s >= ttl_s:
+            raise ValueError(f"relay heartbeat_s ({heartbeat_s}) must be shorter than ttl_s ({ttl_s})")
+        self.server, self.redis, self.run_name, self.prefix = server, redis, run, prefix
+        self.make_client = make_client
+        self.relay_id, self.advertise, self.node = relay_id, advertise, node
+        self.upstream, self.ttl_s, self.heartbeat_s, self.poll_s = upstream, ttl_s, heartbeat_s, poll_s
+        self.held: HeldVersion | None = None
+        self.pulled_bytes = 0
+        self.pulls: dict[str, int] = {"full": 0, "delta": 0, "fallback": 0}
+        self._clients: dict[str, WeightClient] = {}
+        self._last_beat = 0.0
+
+    def _client(self, target: str) -> WeightClient:
+        c = self._clients.get(target)
+        if c is None:
+            c = self._clients[target] = self.make_client(target)
+        return c
+
+    def record(self) -> RelayRecord:
+        return RelayRecord(self.relay_id, self.advertise, self.node, tuple(self.server.versions), time.time(),
+                           self.server.bytes_sent, self.pulled_bytes)
+
+    def heartbeat(self) -> None:
+        register_relay(self.redis, self.run_name, self.record(), ttl_s=self.ttl_s, prefix=self.prefix)
+        self._last_beat = time.monotonic()
+
+    def sync_once(self) -> int | None:
+        """Pull the announced version if it is newer than the latest served; returns the
+        version now served (None before the first)."""
+        a = read_announcement(self.redis, self.run_name, prefix=self.prefix)
+        latest = self.server.latest_version
+        if a is None or (latest is not None and a.version <= latest):
+            return latest
+        targets = [t for t in (self.upstream, a.address) if t]
+        if not targets:
+            raise WeightServiceError(f"version {a.version} was announced without an address and relay.upstream "
+                                     "is not set: nowhere to pull from")
+        last: Exception | None = None
+        for target in dict.fromkeys(targets):
+            # The held copy is consumed by a delta pull: a failure leaves nothing trusted behind.
+            held, self.held = self.held, None
+            try:
+                pulled = self._client(target).pull(a.version, held=held)
+            except WeightServiceError as err:
+                if getattr(err, "held_intact", False):
+                    self.held = held
+                log.warning("relay %s: pulling version %d from %s failed: %s", self.relay_id, a.version, target, err)
+                last = err
+                continue
+            if pulled.version < a.version:  # an upstream relay that is behind: try the next one
+                self.held = pulled.held
+                last = WeightServiceError(f"{target} served version {pulled.version}, not {a.version}")
+                continue
+            self._serve(pulled.held)
+            self.pulled_bytes += pulled.bytes_received
+            self.pulls[pulled.kind] += 1
+            log.info("relay %s: serving version %d (%s pull from %s, %d bytes)", self.relay_id, pulled.version,
+                     pulled.kind, target, pulled.bytes_received)
+            self.heartbeat()  # workers waiting on the registry see the version now
+            return pulled.version
+        assert last is not None
+        raise last
+
+    def _serve(self, held: HeldVersion) -> None:
+        # The server copies the held bytes into its own version buffer (no cast: the
+        # published dtype stays), so the next delta may rebuild `held` in place.
+        self.server.publish(held.version, dict(held.items()))
+        served = self.server.checksum(held.version)
+        if served != held.checksum:  # the same bytes must hash the same: a bug, not a network fault
+            raise RuntimeError(f"relay {self.relay_id}: version {held.version} re-served with checksum "
+                               f"{served[:16]}…, upstream {held.checksum[:16]}…")
+        self.held = held
+
+    def run(self, stop: threading.Event, on_error: Callable[[BaseException], None] | None = None) -> None:
+        """Follow announcements until `stop` is set; heartbeats between pulls."""
+        backoff = self.poll_s
+        while not stop.is_set():
+            try:
+                self.sync_once()
+                backoff = self.poll_s
+            except Exception as err:  # upstream or Redis away: keep serving what we hold, retry
+                if on_error is not None:
+                    on_error(err)
+                log.warning("relay %s: %s (retrying in %.1fs)", self.relay_id, err, backoff)
+                backoff = min(max(backoff * 2, 0.5), 10.0)
+            try:
+                if time.monotonic() - self._last_beat >= self.heartbeat_s:
+                    self.heartbeat()
+            except Exception as err:
+                log.warning("relay %s: heartbeat failed: %s", self.relay_id, err)
+            stop.wait(backoff)
+
+    def close(self, *, unregister: bool = True) -> None:
+        for c in self._clients.values():
+            c.close()
+        self._clients.clear()
+        if unregister:
+            try:
+                unregister_relay(self.redis, self.run_name, self.relay_id, prefix=self.prefix)
+            except Exception as err:
+                log.warning("relay %s: could not unregister: %s", self.relay_id, err)

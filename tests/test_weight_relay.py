@@ -1,0 +1,305 @@
+"""Weight relays over real gRPC, real Redis (a run name of its own) and a real relay process:
+byte-identical re-serving, learner egress with several workers, fallback when a relay dies,
+token and TLS on every hop, and relay off."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+import torch
+import yaml
+
+from rlrt_core.config import RunConfig
+from rlrt_core.metrics import service_metrics
+from rlrt_core.weights import WeightClient, WeightServer, WeightServiceError, announce_version
+from rlrt_core.weights.relay import (
+    RelayRecord,
+    WeightRelay,
+    live_relays,
+    order_relays,
+    register_relay,
+    relays_key,
+)
+from services.common.weight_sync import WeightSync
+
+TOKEN = "relay-test-token"
+REDIS_URL_TEST = os.environ.get("REDIS_URL_TEST", "redis://127.0.0.1:6379/0")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def state(seed: int, n: int = 20_000) -> dict[str, torch.Tensor]:
+    """A small model-like state; successive seeds change ~5% of the values (delta-friendly)."""
+    g = torch.Generator().manual_seed(0)
+    base = {"embed.weight": torch.randn(n, generator=g), "layer.weight": torch.randn(64, 64, generator=g),
+            "norm.weight": torch.ones(64)}
+    g2 = torch.Generator().manual_seed(seed)
+    for t in base.values():
+        mask = torch.rand(t.shape, generator=g2) < 0.05 * seed
+        t[mask] += 0.01
+    return base
+
+
+@pytest.fixture
+def rrun():
+    client = redis.Redis.from_url(REDIS_URL_TEST)
+    run = f"relay-{uuid.uuid4().hex[:8]}"
+    yield client, run
+    keys = list(client.scan_iter(match=f"rlrt:{run}:*"))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+def publish(learner: WeightServer, client, run: str, v: int) -> None:
+    learner.publish(v, state(v), dtype="bfloat16")
+    announce_version(client, run, v, address=learner.address, checksum=learner.checksum(v))
+
+
+def make_relay(client, run: str, *, token: str = TOKEN, relay_id: str = "r0", node: str = "n0",
+               tls: tuple[str, str] | None = None, **kw) -> WeightRelay:
+    server = WeightServer(token=token, keep_versions=2, tls_cert=tls and tls[0], tls_key=tls and tls[1])
+    server.start()
+    return WeightRelay(server, client, run, relay_id=relay_id, node=node,
+                       advertise=("localhost" if tls else "127.0.0.1") + f":{server.port}",
+                       make_client=lambda target: WeightClient(target, token=token, tls_ca=tls and tls[0]),
+                       ttl_s=kw.pop("ttl_s", 5.0), heartbeat_s=kw.pop("heartbeat_s", 1.0),
+                       poll_s=kw.pop("poll_s", 0.05), **kw)
+
+
+def sync_for(run: str, client, worker: str, relay: str = "auto", **transport) -> tuple[WeightSync, object]:
+    cfg = RunConfig(run_name=run, transport={"weights_token": TOKEN, "weights_relay": relay,
+                                             "weights_node": "n0", **transport})
+    m = service_metrics("rollout", run, worker)
+    loaded: dict[str, torch.Tensor] = {}
+
+    def load(pairs, _version: int) -> None:
+        loaded.clear()
+        loaded.update({n: t.clone() for n, t in pairs})
+
+    sync = WeightSync(cfg, client, load, version=-1, metrics=m)
+    sync.loaded = loaded
+    return sync, m
+
+
+def value(metric) -> float:
+    return metric._value.get()
+
+
+def test_relay_serves_the_learners_bytes(rrun) -> None:
+    client, run = rrun
+    with WeightServer(token=TOKEN, keep_versions=2) as learner:
+        relay = make_relay(client, run)
+        try:
+            for v in (1, 2):
+                publish(learner, client, run, v)
+                assert relay.sync_once() == v
+                with WeightClient(relay.advertise, token=TOKEN) as c, WeightClient(learner.address, token=TOKEN) as lc:
+                    got, want = c.pull(v).held, lc.pull(v).held
+                assert got.checksum == want.checksum == learner.checksum(v)
+                assert [(t.name, t.dtype, t.shape, bytes(t.raw)) for t in got.tensors] == \
+                    [(t.name, t.dtype, t.shape, bytes(t.raw)) for t in want.tensors]
+            # version 2 came from the learner as a delta from the relay's copy of version 1
+            assert relay.pulls == {"full": 1, "delta": 1, "fallback": 0}
+            rec = live_relays(client, run)
+            assert [(r.relay_id, r.versions) for r in rec] == [("r0", (1, 2))]
+        finally:
+            relay.close()
+            relay.server.stop(0)
+    assert live_relays(client, run) == []  # a relay that stops cleanly leaves the registry
+
+
+def test_four_workers_through_one_relay_cost_the_learner_one_copy(rrun) -> None:
+    client, run = rrun
+    with WeightServer(token=TOKEN, keep_versions=2) as learner:
+        relay = make_relay(client, run)
+        stop = threading.Event()
+        t = threading.Thread(target=relay.run, args=(stop,), daemon=True)
+        t.start()
+        syncs = [sync_for(run, client, f"w{i}") for i in range(4)]
+        try:
+            for v in (1, 2, 3):
+                before, relay_pulled = learner.bytes_sent, relay.pulled_bytes
+                publish(learner, client, run, v)
+                threads = [threading.Thread(target=s.sync) for s, _ in syncs]
+                for th in threads:
+                    th.start()
+                for th in threads:
+                    th.join(30)
+                for s, _ in syncs:
+                    assert s.version == v and s.held.checksum == learner.checksum(v)
+                sent = learner.bytes_sent - before
+                one_copy = relay.pulled_bytes - relay_pulled  # what one worker's pull of v costs
+                assert 0 < sent == one_copy, (v, sent, one_copy)
+            full = sum(t.numel() * (2 if t.is_floating_point() else t.element_size()) for t in state(1).values())
+            assert relay.server.bytes_sent > 3 * full  # the relay, not the learner, sent the 4 copies
+            for s, m in syncs:
+                assert value(m.weight_source_pulls.labels(source="relay")) == 3
+                assert value(m.weight_source_pulls.labels(source="learner")) == 0
+                assert value(m.weight_pulls.labels(kind="delta")) == 2
+        finally:
+            stop.set()
+            t.join(10)
+            relay.close()
+            relay.server.stop(0)
+            for s, _ in syncs:
+                s.close()
+
+
+def test_relay_that_stops_serving_mid_run_is_passed_over(rrun) -> None:
+    """The relay's port goes away while its record is still alive: the pull fails and the
+    worker takes the version from the learner at once (reason "unavailable")."""
+    client, run = rrun
+    with WeightServer(token=TOKEN, keep_versions=2) as learner:
+        relay = make_relay(client, run, ttl_s=30.0)
+        try:
+            publish(learner, client, run, 1)
+            relay.sync_once()
+            s, m = sync_for(run, client, "w0", weights_relay_wait_s=0.0)
+            assert s.sync() == 1 and value(m.weight_source_pulls.labels(source="relay")) == 1
+            relay.server.stop(0)  # dead port; record still listed (its TTL has not run out)
+            relay.server.publish(2, state(2), dtype="bfloat16")  # would hold it, but cannot serve it
+            relay.heartbeat()
+            publish(learner, client, run, 2)
+            assert s.sync() == 2 and s.held.checksum == learner.checksum(2)
+            assert value(m.weight_source_fallbacks.labels(reason="unavailable")) == 1
+            assert value(m.weight_source_pulls.labels(source="learner")) == 1
+            s.close()
+        finally:
+            relay.close()
+
+
+def _relay_process(tmp_path: Path, run: str, **relay) -> subprocess.Popen:
+    cfg = {"run_name": run, "transport": {"redis_url": REDIS_URL_TEST, "weights_token": TOKEN, "weights_node": "n0"},
+           "metrics": {"run_dir": str(tmp_path / "run")},
+           "relay": {"host": "127.0.0.1", "port": 0, "ttl_s": 2.0, "heartbeat_s": 0.5, "poll_s": 0.05, **relay}}
+    path = tmp_path / "relay.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "services.relay", "--config", str(path), "--worker", "relay-p"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def test_killed_relay_process_clients_fall_back_and_reach_the_next_version(rrun, tmp_path: Path) -> None:
+    client, run = rrun
+    with WeightServer(token=TOKEN, keep_versions=2) as learner:
+        publish(learner, client, run, 1)
+        proc = _relay_process(tmp_path, run)
+        try:
+            deadline = time.monotonic() + 60
+            while not any(1 in r.versions for r in live_relays(client, run)):
+                assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+                assert time.monotonic() < deadline, "the relay process never served version 1"
+                time.sleep(0.1)
+            syncs = [sync_for(run, client, f"w{i}", weights_relay_wait_s=30.0) for i in range(2)]
+            for s, m in syncs:
+                assert s.sync() == 1 and value(m.weight_source_pulls.labels(source="relay")) == 1
+            sent_v1 = learner.bytes_sent
+            assert 0 < sent_v1 < 1.5 * syncs[0][0].held.nbytes  # one copy for two workers
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+            publish(learner, client, run, 2)
+            t0 = time.monotonic()
+            threads = [threading.Thread(target=s.sync) for s, _ in syncs]  # both still see the relay listed
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join(30)
+            for s, m in syncs:  # the dead relay's record expired (ttl 2 s): then the learner
+                assert s.version == 2 and s.held.checksum == learner.checksum(2)
+                assert value(m.weight_source_fallbacks.labels(reason="unavailable")) == 1
+                assert value(m.weight_source_pulls.labels(source="learner")) == 1
+            assert time.monotonic() - t0 < 15  # the TTL, not the 30 s wait, ended the wait
+            assert live_relays(client, run) == []
+            for s, _ in syncs:
+                s.close()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
+
+def test_relay_checks_the_token_of_its_clients_and_presents_it_upstream(rrun) -> None:
+    client, run = rrun
+    with WeightServer(token=TOKEN, keep_versions=2) as learner:
+        publish(learner, client, run, 1)
+        wrong = make_relay(client, run, token="not-the-run-token", relay_id="r-wrong")
+        relay = make_relay(client, run)
+        try:
+            with pytest.raises(WeightServiceError, match="UNAUTHENTICATED"):
+                wrong.sync_once()  # the learner refuses a relay without the run's token
+            assert wrong.server.latest_version is None
+            relay.sync_once()
+            with WeightClient(relay.advertise, token="bad") as c:
+                with pytest.raises(WeightServiceError, match="UNAUTHENTICATED"):
+                    c.pull(1)
+            assert relay.server.bytes_sent == 0
+        finally:
+            for r in (wrong, relay):
+                r.close()
+                r.server.stop(0)
+
+
+def test_tls_on_both_hops(rrun, tmp_path: Path) -> None:
+    from tests.test_weights import _self_signed
+
+    client, run = rrun
+    cert, key = _self_signed(tmp_path)
+    with WeightServer(token=TOKEN, tls_cert=str(cert), tls_key=str(key)) as learner:
+        learner.publish(1, state(1), dtype="bfloat16")
+        announce_version(client, run, 1, address=f"localhost:{learner.port}")
+        relay = make_relay(client, run, tls=(str(cert), str(key)))
+        try:
+            assert relay.sync_once() == 1
+            s, m = sync_for(run, client, "w0", tls_ca=str(cert))
+            assert s.sync() == 1 and s.held.checksum == learner.checksum(1)
+            assert value(m.weight_source_pulls.labels(source="relay")) == 1
+            with WeightClient(relay.advertise, token=TOKEN, rpc_timeout_s=2.0) as plain:  # plain text refused
+                with pytest.raises(WeightServiceError, match="UNAVAILABLE"):
+                    plain.latest_version()
+            s.close()
+        finally:
+            relay.close()
+            relay.server.stop(0)
+
+
+def test_relay_off_pulls_from_the_learner(rrun) -> None:
+    client, run = rrun
+    with WeightServer(token=TOKEN, keep_versions=2) as learner:
+        relay = make_relay(client, run)
+        try:
+            publish(learner, client, run, 1)
+            relay.sync_once()
+            s, m = sync_for(run, client, "w0", relay="off")
+            assert s.sync() == 1 and s.held.checksum == learner.checksum(1)
+            assert value(m.weight_source_pulls.labels(source="learner")) == 1
+            assert value(m.weight_source_pulls.labels(source="relay")) == 0
+            assert relay.server.bytes_sent == 0
+            s.close()
+        finally:
+            relay.close()
+            relay.server.stop(0)
+
+
+def test_workers_prefer_their_node_and_spread_over_the_rest(rrun) -> None:
+    client, run = rrun
+    now = time.time()
+    recs = [RelayRecord(f"r{i}", f"127.0.0.1:{1000 + i}", f"n{i}", (1,), now) for i in range(4)]
+    for r in recs:
+        register_relay(client, run, r, ttl_s=5.0)
+    live = live_relays(client, run)
+    assert sorted(r.relay_id for r in live) == ["r0", "r1", "r2", "r3"]
+    assert order_relays(live, worker_id="w", node="n2")[0].relay_id == "r2"
+    firsts = [order_relays(live, worker_id=f"w{i}", node="elsewhere")[0].relay_id for i in range(400)]
+    assert all(60 <= firsts.count(f"r{i}") <= 140 for i in range(4)), [firsts.count(f"r{i}") for i in range(4)]
+    client.delete(f"rlrt:{run}:weights:relay:r1")  # expired
+    assert "r1" not in {r.relay_id for r in live_relays(client, run)}
+    assert client.sismember(relays_key(run), "r1") == 0  # pruned from the index
