@@ -282,6 +282,12 @@ class TransportConfig(_Section):
     # None = the host name.
     weights_node: str | None = None
 
+    @field_validator("weights_relay", mode="before")
+    @classmethod
+    def _relay_switch(cls, v: Any) -> Any:
+        # YAML (and RLRT__ env values, parsed as YAML) reads a bare off/on as a boolean.
+        return {False: "off", True: "auto"}.get(v, v) if isinstance(v, bool) else v
+
 
 class RelayConfig(_Section):
     """A weight relay (`rlrt serve relay`, rlrt_core.weights.relay): pulls each version once

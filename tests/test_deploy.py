@@ -282,6 +282,8 @@ def _literal_env(container: dict[str, Any], secrets: dict[str, dict[str, str]]) 
     for e in container.get("env", []):
         if "value" in e:
             env[e["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), e["value"])
+        elif "fieldRef" in e["valueFrom"]:  # filled in by the kubelet: a stand-in of the right kind
+            env[e["name"]] = {"spec.nodeName": "node-a", "status.podIP": "10.0.0.7"}[e["valueFrom"]["fieldRef"]["fieldPath"]]
         else:
             ref = e["valueFrom"]["secretKeyRef"]
             env[e["name"]] = secrets[ref["name"]][ref["key"]]
@@ -435,6 +437,46 @@ def test_k8s_network_policies(overlay: str):
     for comp in SERVICES:  # metrics open to scrapers anywhere
         assert _allowed_sources(pols, pods[comp], METRICS_PORT, pods) is None
     assert _allowed_sources(pols, pods["redis"], METRICS_PORT, pods) == set()
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_k8s_weight_relay_daemonset(overlay: str, tmp_path: Path):
+    """One relay per node runs `rlrt serve relay` on the run's recipe, registers its pod IP and
+    node; rollout and teacher pods pull through it; network policies let only them reach it."""
+    import base64
+
+    docs = rendered(overlay)
+    (relay,) = [d for d in docs if d["kind"] == "DaemonSet"]
+    assert pod_labels(relay)["app.kubernetes.io/component"] == "relay"
+    c = rlrt_container(relay)
+    group = typer.main.get_command(cli_app)
+    params = group.commands["serve"].make_context("serve", list(c["command"][2:])).params  # type: ignore[attr-defined]
+    assert c["command"][:2] == ["rlrt", "serve"] and params["service"] == "relay"
+    secrets = {n: {k: base64.b64decode(v).decode() for k, v in d.get("data", {}).items()}
+               for n, d in by_kind(docs, "Secret").items()}
+    (cm,) = by_kind(docs, "ConfigMap").values()
+    recipe = tmp_path / "relay.yaml"
+    recipe.write_text(cm["data"]["config.yaml"])
+    cfg = load_config(recipe, environ=_literal_env(c, secrets))
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert cfg.relay.host == "0.0.0.0" and cfg.relay.port == ports["weights"] != WEIGHTS_PORT
+    fields = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in c["env"] if "fieldRef" in e.get("valueFrom", {})}
+    assert fields == {"RLRT__RELAY__ADVERTISE": "status.podIP", "RLRT__TRANSPORT__WEIGHTS_NODE": "spec.nodeName"}
+    ref = next(e for e in c["env"] if e["name"] == "RLRT_WEIGHTS_TOKEN")["valueFrom"]["secretKeyRef"]
+    assert cfg.transport.weights_token == secrets[ref["name"]][ref["key"]]  # the run's token, both hops
+    assert c["readinessProbe"]["tcpSocket"]["port"] == "weights"
+    ws = rlrt_workloads(docs)
+    for comp in ("rollout", "teacher"):
+        wc = rlrt_container(ws[comp])
+        wcfg = load_config(recipe, environ=_literal_env(wc, secrets))
+        assert wcfg.transport.weights_relay == "auto" and wcfg.transport.weights_node == "node-a"
+    pols = list(by_kind(docs, "NetworkPolicy").values())
+    pods = {pod_labels(w)["app.kubernetes.io/component"]: pod_labels(w) for w in [*workloads(docs).values(), relay]}
+    assert _allowed_sources(pols, pods["relay"], ports["weights"], pods) == {"rollout", "teacher"}
+    assert _allowed_sources(pols, pods["learner"], WEIGHTS_PORT, pods) == {"rollout", "teacher", "relay"}
+    assert "relay" in _allowed_sources(pols, pods["redis"], 6379, pods)
+    if overlay == "gpu":  # it follows its workers onto tainted GPU nodes
+        assert relay["spec"]["template"]["spec"]["tolerations"][0]["key"] == "nvidia.com/gpu"
 
 
 def test_k8s_overlays_differ_where_they_should():
@@ -635,6 +677,27 @@ def test_compose_monitoring_wiring():
     assert graf[dash_dir].resolve() == DASHBOARD.parent.resolve()
     home = svcs["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     assert (graf[dash_dir] / Path(home).relative_to(dash_dir)).is_file()
+
+
+def test_compose_weight_relay_profile():
+    env = env_file(ENV_EXAMPLE)
+    for doc in (load_compose(COMPOSE), deep_merge(load_compose(COMPOSE), load_compose(COMPOSE_GPU))):
+        doc = interpolate(doc, env)
+        validate_compose(doc)
+        relay = doc["services"]["relay"]
+        assert relay["profiles"] == ["relay"]  # optional: `--profile relay`
+        assert relay["command"][:3] == ["rlrt", "serve", "relay"]
+        mounts = {m.split(":")[1]: m.split(":")[0] for m in relay["volumes"]}
+        config_src = mounts[relay["command"][relay["command"].index("--config") + 1]]
+        cfg = load_config(ROOT / config_src, environ={k: str(v) for k, v in relay["environment"].items()})
+        assert cfg.relay.host == "0.0.0.0" and cfg.relay.advertise == "relay" and cfg.relay.port == 50052
+        assert str(cfg.relay.port) in " ".join(relay["healthcheck"]["test"])
+        assert cfg.transport.weights_token == env["RLRT_WEIGHTS_TOKEN"]
+        for name in ("rollout", "teacher"):
+            senv = {k: str(v) for k, v in doc["services"][name]["environment"].items()}
+            assert load_config(ROOT / config_src, environ=senv).transport.weights_relay == env["RLRT_WEIGHTS_RELAY"]
+            senv["RLRT__TRANSPORT__WEIGHTS_RELAY"] = "auto"
+            assert load_config(ROOT / config_src, environ=senv).transport.weights_relay == "auto"
 
 
 def test_compose_gpu_override():
