@@ -17,7 +17,9 @@ publishes the new version to a gRPC server on loopback in fp32 and in bf16, and 
                  includes the server's encoding; a second client gets the cached delta)
 
 and, after the last step, learner egress (bytes the server sends) for one version with 1 and
-4 clients pulling at once. Per-version bytes are then scaled by parameter count to Qwen3
+4 clients pulling at once, without and with a weight relay (rlrt_core.weights.relay: a relay
+pulls the version once from the learner, a delta from the version it holds, and the clients
+pull from the relay; announcements on an embedded Redis, all servers real gRPC on loopback). Per-version bytes are then scaled by parameter count to Qwen3
 0.6B / 4B / 8B (same fraction of changed values, i.e. the same learning rate: the paper's
 1e-6 for 4B/8B changes fewer bf16 values than 2e-5, so those are upper bounds).
 """
@@ -28,8 +30,10 @@ import argparse
 import copy
 import gc
 import os
+import tempfile
 import threading
 import time
+import uuid
 
 import numpy as np
 import torch
@@ -37,7 +41,9 @@ import torch
 from rlrt_core.config import LearnerConfig
 from rlrt_core.learner import make_optimizer
 from rlrt_core.models import load_model, load_tokenizer
-from rlrt_core.weights import HeldVersion, WeightClient, WeightServer
+from rlrt_core.transport.embedded import EmbeddedRedis
+from rlrt_core.weights import HeldVersion, WeightClient, WeightServer, announce_version
+from rlrt_core.weights.relay import WeightRelay
 
 TOKEN = "bench"
 # Elements a published version holds: parameters, plus the tied lm_head that state_dict()
@@ -88,6 +94,37 @@ def egress(server: WeightServer, clients: list[WeightClient], version: int, held
     for t in threads:
         t.join()
     return server.bytes_sent - before, time.perf_counter() - t0, kinds
+
+
+def relay_egress(learner: WeightServer, redis_client, n: int, version: int, base: HeldVersion | None):
+    """One relay between the learner and `n` clients pulling `version` at once: a delta from
+    `base` (held by the relay and by every client, as after the previous version) when given,
+    else full. Returns (learner bytes sent, relay bytes sent, seconds from the announcement
+    to the last client done, kinds of the client pulls)."""
+    run = f"bench-{uuid.uuid4().hex[:8]}"
+    with WeightServer(token=TOKEN, keep_versions=2) as relay_server:
+        relay = WeightRelay(relay_server, redis_client, run, relay_id="bench-relay", advertise=relay_server.address,
+                            node="bench", make_client=lambda target: WeightClient(target, token=TOKEN))
+        clients = [WeightClient(relay_server.address, token=TOKEN) for _ in range(n)]
+        try:
+            if base is not None:  # the relay already serves the base version
+                announce_version(redis_client, run, base.version, address=learner.address)
+                assert relay.sync_once() == base.version
+            announce_version(redis_client, run, version, address=learner.address)
+            before = learner.bytes_sent
+            t0 = time.perf_counter()
+            assert relay.sync_once() == version
+            pulled = time.perf_counter() - t0
+            learner_sent = learner.bytes_sent - before
+            helds = [None if base is None else copy.deepcopy(base) for _ in range(n)]
+            relay_sent, sec, kinds = egress(relay_server, clients, version, helds)
+            kind = relay.pulls
+            assert kind["delta" if base is not None else "full"] == 1, kind
+            return learner_sent, relay_sent, pulled + sec, kinds
+        finally:
+            for c in clients:
+                c.close()
+            relay.close()
 
 
 def main() -> None:
@@ -178,10 +215,27 @@ def main() -> None:
                 sent, sec, kinds = egress(s16, clients[:n], last, [copy.deepcopy(base) for _ in range(n)],
                                           encodings=("xor-zstd",))
                 egress_rows.append(("delta bf16 xor-zstd", n, sent, sec, kinds))
+            # Without and with a relay, in the default delta encoding (sparse) on every hop.
+            relay_rows = []
+            with tempfile.TemporaryDirectory(prefix="rlrt-bench-") as tmp, \
+                    EmbeddedRedis(tmp, appendonly=False) as url:
+                import redis
+
+                r = redis.Redis.from_url(url)
+                for kind, held in (("full bf16", None), ("delta bf16 sparse", base)):
+                    for n in (1, 4):
+                        sent, sec, kinds = egress(s16, clients[:n], last,
+                                                  [None if held is None else copy.deepcopy(held) for _ in range(n)])
+                        relay_rows.append((kind, n, sent, 0, sec, kinds))
+                    for n in (1, 4):
+                        relay_rows.append((f"{kind} via 1 relay", n, *relay_egress(s16, r, n, last, held)))
+                r.close()
         finally:
             for c in clients:
                 c.close()
     print_egress(egress_rows)
+    print()
+    print_relay_egress(relay_rows)
     print()
     print_scaled(rows, n_params)
 
@@ -206,6 +260,19 @@ def print_egress(egress_rows) -> None:
         one.setdefault(name, sent)
         assert len(set(kinds)) == 1, kinds
         print(f"{name:34s} {n:7d} {sent / 1e6:9.2f} {sent / one[name]:10.2f} {sec:7.2f}", flush=True)
+
+
+def print_relay_egress(relay_rows) -> None:
+    """Learner egress per version without and with a relay; `x one copy` is the learner's
+    bytes over one worker's pull of the same kind without a relay."""
+    print(f"{'learner egress per version':34s} {'workers':>7s} {'learner MB':>10s} {'x one copy':>10s} "
+          f"{'relay MB':>9s} {'s':>7s}")
+    one = {}
+    for name, n, sent, relay_sent, sec, kinds in relay_rows:
+        one.setdefault(name.removesuffix(" via 1 relay"), sent)
+        assert len(set(kinds)) == 1, kinds
+        print(f"{name:34s} {n:7d} {sent / 1e6:10.2f} {sent / one[name.removesuffix(' via 1 relay')]:10.2f} "
+              f"{relay_sent / 1e6:9.2f} {sec:7.2f}", flush=True)
 
 
 def print_scaled(rows, n_params) -> None:
