@@ -27,9 +27,9 @@ def _literals(path: Path) -> list[tuple[int, str]]:
             if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in skip]
 
 
-# The pipeline's modules: the four services, their shared runtime and the launchers (the CLI's
+# The pipeline's modules: the four services, the weight relay, their shared runtime and the launchers (the CLI's
 # report words such as "rollouts" in `rlrt analyze` output are not stream names).
-PIPELINE = [*(ROOT / "services" / d for d in ("rollout", "verifier", "teacher", "learner", "common")),
+PIPELINE = [*(ROOT / "services" / d for d in ("rollout", "verifier", "teacher", "learner", "relay", "common")),
             ROOT / "services" / "launcher.py", ROOT / "services" / "ray_launcher.py", ROOT / "services" / "progress.py"]
 
 

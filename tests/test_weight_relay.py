@@ -23,6 +23,7 @@ from rlrt_core.metrics import service_metrics
 from rlrt_core.weights import WeightClient, WeightServer, WeightServiceError, announce_version
 from rlrt_core.weights.relay import (
     RelayRecord,
+    RelaySources,
     WeightRelay,
     live_relays,
     order_relays,
@@ -237,6 +238,8 @@ def test_relay_checks_the_token_of_its_clients_and_presents_it_upstream(rrun) ->
             with pytest.raises(WeightServiceError, match="UNAUTHENTICATED"):
                 wrong.sync_once()  # the learner refuses a relay without the run's token
             assert wrong.server.latest_version is None
+            (rec,) = [r for r in live_relays(client, run) if r.relay_id == "r-wrong"]
+            assert rec.versions == () and rec.pulling == -1  # workers do not wait on it
             relay.sync_once()
             with WeightClient(relay.advertise, token="bad") as c:
                 with pytest.raises(WeightServiceError, match="UNAUTHENTICATED"):
@@ -303,3 +306,22 @@ def test_workers_prefer_their_node_and_spread_over_the_rest(rrun) -> None:
     client.delete(f"rlrt:{run}:weights:relay:r1")  # expired
     assert "r1" not in {r.relay_id for r in live_relays(client, run)}
     assert client.sismember(relays_key(run), "r1") == 0  # pruned from the index
+
+
+def test_workers_wait_for_a_relay_that_is_pulling_the_version(rrun) -> None:
+    """A big version can take longer than weights_relay_wait_s to reach the relay: while its
+    record says it is pulling that version the worker keeps waiting; otherwise it moves on."""
+    client, run = rrun
+    src = RelaySources(client, run, worker_id="w", node="n0", wait_s=0.3, poll_s=0.02)
+    rec = RelayRecord("r0", "127.0.0.1:1", "n0", (1,), time.time(), pulling=2)
+    register_relay(client, run, rec, ttl_s=5.0)
+    done = RelayRecord("r0", "127.0.0.1:1", "n0", (1, 2), time.time())
+    later = threading.Timer(1.0, lambda: register_relay(redis.Redis.from_url(REDIS_URL_TEST), run, done, ttl_s=5.0))
+    later.start()
+    t0 = time.monotonic()
+    assert src.wait_until_held("r0", 2) == "ok" and time.monotonic() - t0 >= 0.9
+    later.join()
+    t0 = time.monotonic()
+    assert src.wait_until_held("r0", 3) == "behind" and 0.3 <= time.monotonic() - t0 < 1.0
+    register_relay(client, run, rec, ttl_s=0.3)  # pulling, then killed: its record expires
+    assert src.wait_until_held("r0", 2) == "unavailable"

@@ -59,18 +59,21 @@ class RelayRecord:
     last_seen: float            # unix seconds
     bytes_sent: int = 0         # payload bytes its server sent (its egress)
     pulled_bytes: int = 0       # payload bytes it received from upstream
+    pulling: int = -1           # version it is pulling right now (-1: none)
 
     def to_json(self) -> str:
         return json.dumps({"relay_id": self.relay_id, "address": self.address, "node": self.node,
                            "versions": list(self.versions), "last_seen": self.last_seen,
-                           "bytes_sent": self.bytes_sent, "pulled_bytes": self.pulled_bytes})
+                           "bytes_sent": self.bytes_sent, "pulled_bytes": self.pulled_bytes,
+                           "pulling": self.pulling})
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> "RelayRecord":
         d = json.loads(raw)
         return cls(relay_id=str(d["relay_id"]), address=str(d["address"]), node=str(d.get("node", "")),
                    versions=tuple(int(v) for v in d.get("versions", ())), last_seen=float(d.get("last_seen", 0.0)),
-                   bytes_sent=int(d.get("bytes_sent", 0)), pulled_bytes=int(d.get("pulled_bytes", 0)))
+                   bytes_sent=int(d.get("bytes_sent", 0)), pulled_bytes=int(d.get("pulled_bytes", 0)),
+                   pulling=int(d.get("pulling", -1)))
 
 
 def register_relay(client: Any, run: str, record: RelayRecord, *, ttl_s: float, prefix: str = "rlrt") -> None:
@@ -158,7 +161,8 @@ class RelaySources:
 
     def wait_until_held(self, relay_id: str, version: int) -> str:
         """"ok" once the relay lists `version` (or a newer one), "unavailable" when its record
-        expires, "behind" after wait_s."""
+        expires, "behind" after wait_s -- not counting time while the relay says it is pulling
+        that version (a big version takes long; a relay that dies meanwhile expires)."""
         deadline = time.monotonic() + self.wait_s
         while True:
             rec = self._record(relay_id)
@@ -166,7 +170,9 @@ class RelaySources:
                 return "unavailable"
             if rec.versions and max(rec.versions) >= version:
                 return "ok"
-            if time.monotonic() >= deadline:
+            if rec.pulling >= version:
+                deadline = max(deadline, time.monotonic() + self.poll_s)
+            elif time.monotonic() >= deadline:
                 return "behind"
             time.sleep(self.poll_s)
 
@@ -219,7 +225,8 @@ class WeightRelay:
         self.pulled_bytes = 0
         self.pulls: dict[str, int] = {"full": 0, "delta": 0, "fallback": 0}
         self._clients: dict[str, WeightClient] = {}
-        self._last_beat = 0.0
+        self._pulling = -1
+        self._failed = -1  # the last version whose pull failed
 
     def _client(self, target: str) -> WeightClient:
         c = self._clients.get(target)
@@ -229,11 +236,10 @@ class WeightRelay:
 
     def record(self) -> RelayRecord:
         return RelayRecord(self.relay_id, self.advertise, self.node, tuple(self.server.versions), time.time(),
-                           self.server.bytes_sent, self.pulled_bytes)
+                           self.server.bytes_sent, self.pulled_bytes, self._pulling)
 
     def heartbeat(self) -> None:
         register_relay(self.redis, self.run_name, self.record(), ttl_s=self.ttl_s, prefix=self.prefix)
-        self._last_beat = time.monotonic()
 
     def sync_once(self) -> int | None:
         """Pull the announced version if it is newer than the latest served; returns the
@@ -246,21 +252,44 @@ class WeightRelay:
         if not targets:
             raise WeightServiceError(f"version {a.version} was announced without an address and relay.upstream "
                                      "is not set: nowhere to pull from")
+        # Workers waiting for this version keep waiting while it comes -- unless pulling it
+        # failed before: then their own wait_s decides, rather than a relay retrying forever.
+        if a.version != self._failed:
+            self._pulling = a.version
+            self._beat_quietly()
+        try:
+            return self._pull_announced(a.version, targets)
+        except Exception:
+            self._failed = a.version
+            if self._pulling >= 0:  # say at once that it is not coming from here
+                self._pulling = -1
+                self._beat_quietly()
+            raise
+        finally:
+            self._pulling = -1
+
+    def _beat_quietly(self) -> None:
+        try:
+            self.heartbeat()
+        except Exception as err:  # Redis away: the pull itself may still work
+            log.warning("relay %s: heartbeat failed: %s", self.relay_id, err)
+
+    def _pull_announced(self, version: int, targets: list[str]) -> int:
         last: Exception | None = None
         for target in dict.fromkeys(targets):
             # The held copy is consumed by a delta pull: a failure leaves nothing trusted behind.
             held, self.held = self.held, None
             try:
-                pulled = self._client(target).pull(a.version, held=held)
+                pulled = self._client(target).pull(version, held=held)
             except WeightServiceError as err:
                 if getattr(err, "held_intact", False):
                     self.held = held
-                log.warning("relay %s: pulling version %d from %s failed: %s", self.relay_id, a.version, target, err)
+                log.warning("relay %s: pulling version %d from %s failed: %s", self.relay_id, version, target, err)
                 last = err
                 continue
-            if pulled.version < a.version:  # an upstream relay that is behind: try the next one
+            if pulled.version < version:  # an upstream relay that is behind: try the next one
                 self.held = pulled.held
-                last = WeightServiceError(f"{target} served version {pulled.version}, not {a.version}")
+                last = WeightServiceError(f"{target} served version {pulled.version}, not {version}")
                 continue
             self._serve(pulled.held)
             self.pulled_bytes += pulled.bytes_received
@@ -283,23 +312,33 @@ class WeightRelay:
         self.held = held
 
     def run(self, stop: threading.Event, on_error: Callable[[BaseException], None] | None = None) -> None:
-        """Follow announcements until `stop` is set; heartbeats between pulls."""
-        backoff = self.poll_s
-        while not stop.is_set():
-            try:
-                self.sync_once()
-                backoff = self.poll_s
-            except Exception as err:  # upstream or Redis away: keep serving what we hold, retry
-                if on_error is not None:
-                    on_error(err)
-                log.warning("relay %s: %s (retrying in %.1fs)", self.relay_id, err, backoff)
-                backoff = min(max(backoff * 2, 0.5), 10.0)
-            try:
-                if time.monotonic() - self._last_beat >= self.heartbeat_s:
+        """Follow announcements until `stop` is set. Heartbeats run on their own thread, so
+        the record stays alive during a pull that outlasts the TTL."""
+        def beat() -> None:
+            while not stop.is_set():
+                try:
                     self.heartbeat()
-            except Exception as err:
-                log.warning("relay %s: heartbeat failed: %s", self.relay_id, err)
-            stop.wait(backoff)
+                except Exception as err:  # Redis away: the record may expire; keep trying
+                    log.warning("relay %s: heartbeat failed: %s", self.relay_id, err)
+                stop.wait(self.heartbeat_s)
+
+        beater = threading.Thread(target=beat, name=f"relay-heartbeat-{self.relay_id}", daemon=True)
+        beater.start()
+        backoff = self.poll_s
+        try:
+            while not stop.is_set():
+                try:
+                    self.sync_once()
+                    backoff = self.poll_s
+                except Exception as err:  # upstream or Redis away: keep serving what we hold, retry
+                    if on_error is not None:
+                        on_error(err)
+                    log.warning("relay %s: %s (retrying in %.1fs)", self.relay_id, err, backoff)
+                    backoff = min(max(backoff * 2, 0.5), 10.0)
+                stop.wait(backoff)
+        finally:
+            stop.set()
+            beater.join(timeout=self.heartbeat_s + 5)
 
     def close(self, *, unregister: bool = True) -> None:
         for c in self._clients.values():
