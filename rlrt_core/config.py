@@ -331,6 +331,9 @@ class LauncherConfig(_Section):
     # What to do when a worker has used up its restarts: stop the run with a non-zero exit
     # (default: a run missing a stage would otherwise hang), or keep going without it.
     on_exhausted: Literal["stop", "continue"] = "stop"
+    # Weight relays (`rlrt serve relay`) to start beside the workers; > 0 also switches the
+    # workers to them (transport.weights_relay: auto in the effective config).
+    relays: int = Field(0, ge=0, le=16, description="weight relay processes the local launcher starts")
 
 
 class RayActorResources(_Section):

@@ -3,7 +3,8 @@ real OS process, the same data path (Redis Streams + gRPC) as compose/Kubernetes
 
 It starts an embedded Redis when no `REDIS_URL` is set, writes the effective config (and
 the plan of expected workers, `plan.json`) into the run directory, spawns learner, verifier,
-teacher and N rollout workers, restarts a crashed worker up to `launcher.max_restarts` times
+teacher and N rollout workers (and `launcher.relays` weight relays), restarts a crashed worker
+up to `launcher.max_restarts` times
 (never the learner: its exit ends the run), shows a live view, and on Ctrl-C / SIGTERM stops
 everything (SIGTERM, then SIGKILL after a grace period). A worker that used up its restarts is
 reported loudly and, with `launcher.on_exhausted: stop` (the default), ends the run with exit
@@ -121,6 +122,8 @@ class LocalRun:
         cfg.transport.weights_port = 0
         cfg.transport.weights_target = None
         cfg.metrics.run_dir = str(self.run_dir)
+        if cfg.launcher.relays:
+            cfg.transport.weights_relay = "auto"  # the relays started below serve the workers
         if not cfg.transport.weights_token and not cfg.transport.weights_token_file:
             from rlrt_core.weights.server import ensure_token_file
 
@@ -150,6 +153,12 @@ class LocalRun:
             cmd = [py, "-m", "services.cli.main", "serve", service, "--config", str(cfg_file), "--worker", worker]
             self.children.append(Child(service, worker, cmd, env, self.run_dir / "logs" / f"{worker}.log"))
         (self.run_dir / "plan.json").write_text(json.dumps([{"service": s, "worker": w} for s, w in plan]))
+        # Relays are not pipeline services (no admin app, no heartbeat in the services table):
+        # supervised and restarted like workers, left out of plan.json.
+        for i in range(cfg.launcher.relays):
+            worker = f"relay-{i}"
+            cmd = [py, "-m", "services.cli.main", "serve", "relay", "--config", str(cfg_file), "--worker", worker]
+            self.children.append(Child("relay", worker, cmd, env, self.run_dir / "logs" / f"{worker}.log"))
 
     # -- running -----------------------------------------------------------------------
     def start(self) -> None:

@@ -325,3 +325,37 @@ def test_workers_wait_for_a_relay_that_is_pulling_the_version(rrun) -> None:
     assert src.wait_until_held("r0", 3) == "behind" and 0.3 <= time.monotonic() - t0 < 1.0
     register_relay(client, run, rec, ttl_s=0.3)  # pulling, then killed: its record expires
     assert src.wait_until_held("r0", 2) == "unavailable"
+
+
+def test_local_launcher_starts_relays_when_configured(rrun, tmp_path: Path) -> None:
+    from services.launcher import LocalRun
+
+    client, run = rrun
+    cfg = RunConfig(run_name=run, transport={"redis_url": REDIS_URL_TEST, "weights_token": TOKEN},
+                    metrics={"run_dir": str(tmp_path / "run")}, launcher={"relays": 2})
+    lr = LocalRun(cfg, extra_env={"PYTHONPATH": str(ROOT)})
+    lr.prepare()
+    assert lr.cfg.transport.weights_relay == "auto"  # the workers use them
+    relays = [c for c in lr.children if c.service == "relay"]
+    assert [c.worker for c in relays] == ["relay-0", "relay-1"]
+    try:
+        for c in relays:
+            c.start()
+        deadline = time.monotonic() + 60
+        while sorted(r.relay_id for r in live_relays(client, run)) != ["relay-0", "relay-1"]:
+            assert all(c.alive() for c in relays), [c.log_path.read_text()[-2000:] for c in relays]
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        for c in relays:
+            c.signal(signal.SIGTERM)
+            c.proc.wait(30)
+        assert live_relays(client, run) == []  # a stopped relay removes its record
+    finally:
+        for c in relays:
+            c.signal(signal.SIGKILL)
+            c.close()
+    off = RunConfig(run_name=run, transport={"redis_url": REDIS_URL_TEST, "weights_token": TOKEN},
+                    metrics={"run_dir": str(tmp_path / "run2")})
+    lr2 = LocalRun(off)
+    lr2.prepare()
+    assert lr2.cfg.transport.weights_relay == "off" and not [c for c in lr2.children if c.service == "relay"]
