@@ -4,8 +4,7 @@ real OS process, the same data path (Redis Streams + gRPC) as compose/Kubernetes
 It starts an embedded Redis when no `REDIS_URL` is set, writes the effective config (and
 the plan of expected workers, `plan.json`) into the run directory, spawns learner, verifier,
 teacher and N rollout workers (and `launcher.relays` weight relays), restarts a crashed worker
-up to `launcher.max_restarts` times
-(never the learner: its exit ends the run), shows a live view, and on Ctrl-C / SIGTERM stops
+up to `launcher.max_restarts` times (never the learner: its exit ends the run), shows a live view, and on Ctrl-C / SIGTERM stops
 everything (SIGTERM, then SIGKILL after a grace period). A worker that used up its restarts is
 reported loudly and, with `launcher.on_exhausted: stop` (the default), ends the run with exit
 code `EXIT_WORKER_EXHAUSTED` instead of leaving it to hang without that stage.
