@@ -359,3 +359,14 @@ def test_local_launcher_starts_relays_when_configured(rrun, tmp_path: Path) -> N
     lr2 = LocalRun(off)
     lr2.prepare()
     assert lr2.cfg.transport.weights_relay == "off" and not [c for c in lr2.children if c.service == "relay"]
+
+
+def test_relay_service_refuses_a_config_it_cannot_run(caplog) -> None:
+    from services.relay.main import run as relay_main
+
+    with caplog.at_level("ERROR"):
+        assert relay_main(RunConfig(), "relay-t") == 2  # no token
+        assert "needs a shared token" in caplog.text
+        caplog.clear()
+        assert relay_main(RunConfig(transport={"weights_token": TOKEN}), "relay-t") == 2  # no Redis
+        assert "no Redis URL" in caplog.text

@@ -159,11 +159,12 @@ class RelaySources:
         raw = self.redis.get(relay_key(self.run, relay_id, self.prefix))
         return None if raw is None else RelayRecord.from_json(raw)
 
-    def wait_until_held(self, relay_id: str, version: int) -> str:
+    def wait_until_held(self, relay_id: str, version: int, deadline: float | None = None) -> str:
         """"ok" once the relay lists `version` (or a newer one), "unavailable" when its record
-        expires, "behind" after wait_s -- not counting time while the relay says it is pulling
-        that version (a big version takes long; a relay that dies meanwhile expires)."""
-        deadline = time.monotonic() + self.wait_s
+        expires, "behind" at `deadline` (monotonic; default wait_s from now) -- extended while
+        the relay says it is pulling that version (a big version takes long; a relay that dies
+        meanwhile expires)."""
+        deadline = time.monotonic() + self.wait_s if deadline is None else deadline
         while True:
             rec = self._record(relay_id)
             if rec is None:
@@ -190,8 +191,10 @@ class RelaySources:
         """Sources to try for `version`, best first; each relay is yielded only once it holds
         the version (the wait and the pass-overs happen here); the learner last. The caller
         reports a failed pull with `fallback(source, "unavailable")` and asks for the next."""
+        # One wait for all relays: the next relay is tried at once, not after another wait_s.
+        deadline = time.monotonic() + self.wait_s
         for src in self.relays():
-            state = self.wait_until_held(src.relay_id, version)
+            state = self.wait_until_held(src.relay_id, version, deadline)
             if state != "ok":
                 self.fallback(src, state, f"version {version}")
                 continue

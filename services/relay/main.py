@@ -63,25 +63,29 @@ def run(cfg: RunConfig, worker: str) -> int:
         log.info("received signal %d: stopping", signum)
         stop.set()
 
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
     t = cfg.transport
     try:
         server = start_relay_server(cfg)
-    except (RuntimeError, ValueError) as err:  # port in use, no token, unreadable TLS files
+    except (RuntimeError, ValueError, OSError) as err:  # port in use, no token, unreadable TLS files
         log.error("%s", err)
         return 2
-    bus = StreamBus.from_config(t, cfg.run_name)
+    try:
+        bus = StreamBus.from_config(t, cfg.run_name)
+    except ValueError as err:  # no transport.redis_url: the relay has no embedded Redis of its own
+        log.error("%s", err)
+        server.stop()
+        return 2
     relay = WeightRelay(server, bus.client, cfg.run_name,
                         make_client=lambda target: WeightClient.from_config(t, target=target),
                         relay_id=worker, advertise=_advertised(cfg, server.port), node=node_name(t.weights_node),
                         prefix=t.stream_prefix, upstream=cfg.relay.upstream, ttl_s=cfg.relay.ttl_s,
                         heartbeat_s=cfg.relay.heartbeat_s, poll_s=cfg.relay.poll_s)
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     log.info("relay %s (pid %d) serving on %s for node %s; upstream %s", worker, os.getpid(), relay.advertise,
              relay.node, cfg.relay.upstream or "the learner's announced address")
     try:
-        relay.heartbeat()
-        relay.run(stop)
+        relay.run(stop)  # registers at once; Redis away at start is retried like later
     finally:
         relay.close()
         server.stop()
