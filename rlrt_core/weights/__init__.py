@@ -1,5 +1,5 @@
-"""Weight distribution: gRPC WeightService (server in the learner, client in engines) and
-version announcements on Redis."""
+"""Weight distribution: gRPC WeightService (server in the learner, client in engines),
+version announcements on Redis, and weight relays that re-serve versions per node."""
 
 from rlrt_core.weights.announce import (
     Announcement,
@@ -18,10 +18,12 @@ from rlrt_core.weights.client import (
     WeightStream,
     WeightStreamError,
 )
+from rlrt_core.weights.relay import RelaySources, WeightRelay, live_relays
 from rlrt_core.weights.server import WeightServer, ensure_token_file, load_token
 
 __all__ = [
-    "Announcement", "ChecksumMismatchError", "HeldTensor", "HeldVersion", "Pull", "WeightClient", "WeightServer", "WeightServiceError", "WeightStream",
+    "Announcement", "ChecksumMismatchError", "HeldTensor", "HeldVersion", "Pull", "RelaySources", "WeightClient",
+    "WeightRelay", "WeightServer", "WeightServiceError", "WeightStream",
     "WeightStreamError", "announce_version", "ensure_token_file", "load_token", "read_announced_version",
-    "read_announcement", "wait_for_version",
+    "live_relays", "read_announcement", "wait_for_version",
 ]
