@@ -107,7 +107,9 @@ def _num(x: float) -> float | None:
 
 def histogram(values: Iterable[float], bins: int = HIST_BINS) -> dict[str, Any] | None:
     """Counts of finite `values` in `bins` equal bins over [min, max] (widened by 0.5 each side
-    when all are equal), with n, mean, min, max; None when there is no finite value."""
+    when all are equal), with n, mean, min, max and `scale`, the 95th percentile of |value| (where
+    the explorer's shading saturates, so one outlier does not wash out the rest); None when there
+    is no finite value."""
     import numpy as np
 
     v = np.asarray([x for x in values], dtype=np.float64)
@@ -118,7 +120,7 @@ def histogram(values: Iterable[float], bins: int = HIST_BINS) -> dict[str, Any] 
     a, b = (lo - 0.5, hi + 0.5) if lo == hi else (lo, hi)
     counts, edges = np.histogram(v, bins=bins, range=(a, b))
     return {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts], "n": int(v.size),
-            "mean": float(v.mean()), "min": lo, "max": hi}
+            "mean": float(v.mean()), "min": lo, "max": hi, "scale": float(np.quantile(np.abs(v), 0.95))}
 
 
 def _d_hat(sample: Any) -> list[float] | None:

@@ -11,6 +11,7 @@ from array import array
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -69,6 +70,7 @@ def test_sample_values_bounds_and_batch_histograms():
     every_hat = [a - b for g in (g1, g2) for s in g.samples for a, b in zip(s.student_logprobs, s.teacher_logprobs)]
     assert h["min"] == min(every_hat) and h["max"] == max(every_hat)
     assert h["mean"] == pytest.approx(sum(every_hat) / len(every_hat))
+    assert h["scale"] == pytest.approx(float(np.quantile(np.abs(every_hat), 0.95)))
     hb = doc["histograms"]["d_bar_topk"]
     assert hb["n"] == 21 and hb["min"] == 0.25 and hb["max"] == 1.0
     assert set(doc["values"]) == {"d_hat", "d_bar_topk"} and "top-k" in doc["values"]["d_bar_topk"]
