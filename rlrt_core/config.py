@@ -290,7 +290,7 @@ class MetricsConfig(_Section):
     # learner writes RUN_DIR/samples/step_NNNNNN.json with up to `sample_rollouts` scored rollouts
     # of that step and per-token histograms over the whole batch; the newest `sample_keep` files stay.
     sample_every: int = Field(5, ge=0, le=1_000_000, description="learner steps between run samples (0 = off)")
-    sample_rollouts: int = Field(8, ge=1, le=256, description="rollouts kept per sampled step")
+    sample_rollouts: int = Field(16, ge=1, le=256, description="rollouts kept per sampled step")
     sample_keep: int = Field(50, ge=1, le=100_000, description="sample files kept in RUN_DIR/samples")
 
 

@@ -4,8 +4,9 @@ read by the run explorer (`rlrt explore RUN_DIR`, the learner's `/explore` page)
 Every `metrics.sample_every` learner steps (0 = off) the learner writes
 `RUN_DIR/samples/step_NNNNNN.json` (atomically: a temporary file, then a rename) holding
 
-    rollouts     up to `metrics.sample_rollouts` rollouts of the step's batch (whole groups in
-                 batch order, the last one cut at the bound): prompt, group id, the weight version
+    rollouts     up to `metrics.sample_rollouts` rollouts of the step's batch (whole groups, those
+                 the teacher scored first, else in batch order; the last one cut at the bound):
+                 prompt, group id, the weight version
                  that generated it, reward, token ids and their text pieces, and per response token
                  d_hat       D̂_t = log P_S(y_t) - log P_T(y_t) (eq. 3), exact: the teacher scorer's
                              log-probs of the sampled token under both views
@@ -141,7 +142,8 @@ def build_step_sample(step: int, version: int, method: str, groups: Sequence[Any
         method: `algorithm.method`.
         groups: the step's `TrainGroup`s, in batch order.
         sources: group id -> `SampleSource` (groups without one get no prompt and no D̄_t).
-        max_rollouts: bound on the rollouts recorded (whole groups in order, the last one cut).
+        max_rollouts: bound on the rollouts recorded: whole groups, those with teacher scores
+            first, otherwise in batch order; the last one cut at the bound.
         decode: token ids -> one text piece per id (None: pieces are not recorded).
         topk: teacher.topk, recorded with D̄_t (what its estimate is computed from).
     Returns:
@@ -150,7 +152,9 @@ def build_step_sample(step: int, version: int, method: str, groups: Sequence[Any
     rollouts: list[dict[str, Any]] = []
     all_hat: list[float] = []
     all_bar: list[float] = []
-    for g in groups:
+    # Groups the teacher scored first (stable): the sample is there to show per-token values.
+    ordered = sorted(groups, key=lambda g: not any(s.teacher_logprobs is not None for s in g.samples))
+    for g in ordered:
         src = sources.get(g.group_id)
         for i, s in enumerate(g.samples):
             d_hat = _d_hat(s)

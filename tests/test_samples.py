@@ -56,6 +56,9 @@ def test_sample_values_bounds_and_batch_histograms():
     assert doc["topk"] == 8
     # whole groups in batch order, the last one cut at the bound
     assert [(r["group_id"], r["index"]) for r in doc["rollouts"]] == [("g1", 0), ("g1", 1), ("g1", 2), ("g2", 0)]
+    # groups the teacher scored come first
+    doc2 = sm.build_step_sample(7, 8, "rlrt", [g3, g1], sources, max_rollouts=4)
+    assert [r["group_id"] for r in doc2["rollouts"]] == ["g1", "g1", "g1", "g3"]
     r = doc["rollouts"][1]
     s = g1.samples[1]
     assert r["token_ids"] == s.response_ids and r["tokens"] == [f"<{i}>" for i in s.response_ids]
@@ -185,7 +188,7 @@ def test_explore_routes_on_an_admin_server(tmp_path):
 
 def test_sample_every_is_typed_config():
     cfg = build_config({}, use_env=False)
-    assert (cfg.metrics.sample_every, cfg.metrics.sample_rollouts, cfg.metrics.sample_keep) == (5, 8, 50)
+    assert (cfg.metrics.sample_every, cfg.metrics.sample_rollouts, cfg.metrics.sample_keep) == (5, 16, 50)
     assert build_config({}, environ={"RLRT__METRICS__SAMPLE_EVERY": "0"}).metrics.sample_every == 0
     with pytest.raises(ValueError, match=r"metrics\.sample_every"):
         build_config({"metrics": {"sample_every": -1}}, use_env=False)
