@@ -225,6 +225,7 @@ class SampleWriter:
         data = json.dumps(doc, allow_nan=False, ensure_ascii=False, separators=(",", ":")).encode()
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=self.dir)
         try:
+            os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the samples from a reader run as another user
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
                 fh.flush()
