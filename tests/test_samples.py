@@ -231,3 +231,32 @@ def test_learner_loop_writes_samples_every_n_steps(tmp_path):
         assert doc["histograms"]["d_hat"]["n"] == cfg.learner.groups_per_step * cfg.rollout.n_samples * 4
     # a resumed learner drops the samples of steps it re-trains
     assert h.loop.samples.drop_after(2) == 1
+
+
+def test_a_resumed_learner_drops_the_samples_of_steps_it_trains_again(tmp_path):
+    cfg = _cfg(tmp_path, total_steps=4, checkpoint_every=2)
+    cfg.metrics.sample_every = 1
+    h = Harness(cfg)
+    h.loop.start()
+    while h.loop.step < 3:  # checkpoint at 2, step 3 sampled, then the learner "dies"
+        h.loop.round()
+        h.stages()
+    samples_dir = h.loop.run_dir / "samples"
+    assert sorted(p.name for p in samples_dir.iterdir()) == [f"step_00000{i}.json" for i in (1, 2, 3)]
+    h2 = Harness(cfg, bus=h.bus)
+    h2.announced = h.announced
+    h2.loop._read_announced = lambda: h2.announced[-1] if h2.announced else None
+    h2.loop.start()
+    assert sorted(p.name for p in samples_dir.iterdir()) == ["step_000001.json", "step_000002.json"]
+    h2.run()
+    assert [s["step"] for s in sm.list_steps(h.loop.run_dir)[0]] == [1, 2, 3, 4]
+    assert sm.read_step(samples_dir, 3)["version"] == [r for r in h2.rows() if r["step"] == 3][0]["version"]
+
+
+def test_rlrt_explore_refuses_a_missing_run_dir(tmp_path):
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "services.cli.main", "explore", str(tmp_path / "nope")],
+                       cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "is not a directory" in p.stderr

@@ -42,18 +42,19 @@ def explore(run_dir: Path = typer.Argument(..., help="a run directory (metrics.r
     import uvicorn
 
     if not run_dir.is_dir():
-        console.print(f"[red]error:[/red] RUN_DIR {run_dir} is not a directory")
+        console.print(f"[red]error:[/red] RUN_DIR {run_dir} is not a directory", soft_wrap=True)
         raise typer.Exit(2)
     if not (run_dir / "samples").is_dir():
         console.print(f"[yellow]{run_dir} has no samples yet[/yellow] (the learner writes them every "
-                      f"metrics.sample_every steps); the page lists them as they appear")
+                      f"metrics.sample_every steps); the page lists them as they appear", soft_wrap=True)
     try:
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
         sock.listen(128)  # connections made as soon as the URL is printed wait in the backlog
     except OSError as err:
-        console.print(f"[red]error:[/red] cannot listen on {host}:{port} ({err}); pass --port 0 for any free port")
+        console.print(f"[red]error:[/red] cannot listen on {host}:{port} ({err}); pass --port 0 for any free port",
+                      soft_wrap=True)
         raise typer.Exit(2)
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
