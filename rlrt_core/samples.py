@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 FORMAT = 1
 SAMPLES_DIR = "samples"
 HIST_BINS = 40
@@ -106,14 +108,12 @@ def _num(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def histogram(values: Iterable[float], bins: int = HIST_BINS) -> dict[str, Any] | None:
+def histogram(values: Iterable[float] | np.ndarray, bins: int = HIST_BINS) -> dict[str, Any] | None:
     """Counts of finite `values` in `bins` equal bins over [min, max] (widened by 0.5 each side
     when all are equal), with n, mean, min, max and `scale`, the 95th percentile of |value| (where
     the explorer's shading saturates, so one outlier does not wash out the rest); None when there
     is no finite value."""
-    import numpy as np
-
-    v = np.asarray([x for x in values], dtype=np.float64)
+    v = np.asarray(values if isinstance(values, np.ndarray) else list(values), dtype=np.float64)
     v = v[np.isfinite(v)]
     if v.size == 0:
         return None
@@ -124,11 +124,13 @@ def histogram(values: Iterable[float], bins: int = HIST_BINS) -> dict[str, Any] 
             "mean": float(v.mean()), "min": lo, "max": hi, "scale": float(np.quantile(np.abs(v), 0.95))}
 
 
-def _d_hat(sample: Any) -> list[float] | None:
+def _d_hat(sample: Any) -> np.ndarray | None:
+    """[n] float64 D̂_t of a scored sample, or None."""
     s, t = sample.student_logprobs, sample.teacher_logprobs
     if s is None or t is None or len(s) != len(sample.response_ids) or len(t) != len(s):
         return None
-    return [float(a) - float(b) for a, b in zip(s, t)]
+    with np.errstate(invalid="ignore"):  # -inf - -inf: NaN, written as null
+        return np.asarray(s, dtype=np.float64) - np.asarray(t, dtype=np.float64)
 
 
 def build_step_sample(step: int, version: int, method: str, groups: Sequence[Any],
@@ -150,8 +152,9 @@ def build_step_sample(step: int, version: int, method: str, groups: Sequence[Any
         A JSON-serialisable dict (see the module docstring); non-finite values are None.
     """
     rollouts: list[dict[str, Any]] = []
-    all_hat: list[float] = []
-    all_bar: list[float] = []
+    # Whole-batch values as arrays: a paper-scale batch has millions of tokens.
+    all_hat: list[np.ndarray] = []
+    all_bar: list[np.ndarray] = []
     # Groups the teacher scored first (stable): the sample is there to show per-token values.
     ordered = sorted(groups, key=lambda g: not any(s.teacher_logprobs is not None for s in g.samples))
     for g in ordered:
@@ -161,30 +164,31 @@ def build_step_sample(step: int, version: int, method: str, groups: Sequence[Any
             d_bar = None
             if src is not None and i < len(src.d_bar_topk) and src.d_bar_topk[i] is not None \
                     and len(src.d_bar_topk[i]) == len(s.response_ids):
-                d_bar = [float(x) for x in src.d_bar_topk[i]]
+                d_bar = np.frombuffer(src.d_bar_topk[i], dtype=np.float32).astype(np.float64)
             if d_hat is not None:
-                all_hat.extend(d_hat)
+                all_hat.append(d_hat)
             if d_bar is not None:
-                all_bar.extend(d_bar)
+                all_bar.append(d_bar)
             if len(rollouts) >= max_rollouts:
                 continue
             ids = [int(x) for x in s.response_ids]
             r: dict[str, Any] = {"group_id": g.group_id, "index": i, "version": int(g.version),
                                  "reward": _num(s.reward), "prompt": src.prompt if src else None,
                                  "problem_id": src.problem_id if src else None,
-                                 "finish_reason": src.finish_reasons[i] if src and i < len(src.finish_reasons) else None,
+                                 "finish_reason": (src.finish_reasons[i]
+                                                   if src and i < len(src.finish_reasons) else None),
                                  "token_ids": ids}
             if src is not None and i < len(src.context_kinds) and src.context_kinds[i]:
                 r["context"] = src.context_kinds[i]
             if decode is not None:
                 r["tokens"] = list(decode(ids)) if ids else []
             if d_hat is not None:
-                r["d_hat"] = [_num(x) for x in d_hat]
+                r["d_hat"] = [_num(x) for x in d_hat.tolist()]
             if d_bar is not None:
-                r["d_bar_topk"] = [_num(x) for x in d_bar]
+                r["d_bar_topk"] = [_num(x) for x in d_bar.tolist()]
             rollouts.append(r)
-    hists = {k: h for k, h in (("d_hat", histogram(all_hat, bins)), ("d_bar_topk", histogram(all_bar, bins)))
-             if h is not None}
+    hists = {k: h for k, parts in (("d_hat", all_hat), ("d_bar_topk", all_bar))
+             if parts and (h := histogram(np.concatenate(parts), bins)) is not None}
     return {"format": FORMAT, "step": int(step), "version": int(version), "method": method, "time": time.time(),
             "groups": len(groups), "rollouts_total": sum(len(g.samples) for g in groups),
             "topk": topk, "values": {k: VALUES[k] for k in hists}, "histograms": hists, "rollouts": rollouts}

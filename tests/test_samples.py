@@ -136,7 +136,8 @@ def _write_bad_files(samples_dir: Path) -> dict[str, str]:
     good = sm.build_step_sample(5, 5, "rlrt", [_group("g", 0, [1.0], 3)], {}, max_rollouts=1)
     cases = {"step_000001.json": "{not json",
              "step_000002.json": json.dumps({**good, "step": 2, "format": 99}),
-             "step_000003.json": json.dumps({**good, "step": 3, "rollouts": [{**good["rollouts"][0], "tokens": ["a"]}]}),
+             "step_000003.json": json.dumps({**good, "step": 3,
+                                             "rollouts": [{**good["rollouts"][0], "tokens": ["a"]}]}),
              "step_000004.json": json.dumps(good)}  # holds step 5
     samples_dir.mkdir(parents=True, exist_ok=True)
     for name, text in cases.items():
