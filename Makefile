@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 REDIS_URL ?= redis://127.0.0.1:6379/0
 export REDIS_URL_TEST := $(REDIS_URL)
 
-.PHONY: install install-runtime install-dev demo demo-tiny test test-fast test-chaos redis protos vllm-env test-vllm bench clean deploy-tools image test-deploy
+.PHONY: install install-runtime install-dev demo demo-tiny test test-fast test-chaos redis browser protos vllm-env test-vllm bench clean deploy-tools image test-deploy
 
 # pip's chatter (and the offline index's "Location ... is ignored" lines) go to a log that is
 # shown only when a step fails: `<command> $(QUIET)`.
@@ -46,8 +46,13 @@ demo-tiny: install-runtime
 redis:
 	@bash scripts/ensure_redis.sh "$(REDIS_URL)"
 
+# Headless Chromium for the run explorer's page test: Debian's chromium via apt-get when
+# missing, a no-op when present; never fails (the test then skips, naming the binary).
+browser:
+	@bash scripts/ensure_chromium.sh
+
 # tests/deploy needs root, a container engine and prometheus: `make test-deploy` runs it.
-test: install redis
+test: install redis browser
 	REDIS_URL_TEST="$(REDIS_URL)" $(PY) -m pytest tests -q --ignore=tests/chaos --ignore=tests/deploy
 
 test-fast: install redis

@@ -123,7 +123,7 @@ class TeacherConfig(_Section):
     # the RunConfig is validated.
     context: Literal["solution", "peer", "solution_or_peer"] | None = None
     teacher_template: str | None = None  # None = rlrt_core.prompts default
-    topk: int = Field(0, ge=0, le=1000, description="top-k rows kept for D̄_t (0 = exact from full rows)")
+    topk: int = Field(0, ge=0, le=1000, description="top-k rows per view for the D̄_t estimate (0 = no D̄_t)")
     batch_size: int = Field(16, ge=1)
     device: str = "cpu"
 
@@ -322,6 +322,12 @@ class MetricsConfig(_Section):
     # for it (or while it waits for a weight version that does not come).
     stall_timeout_s: float = Field(600.0, gt=0.0)
     heartbeat_s: float = Field(5.0, gt=0.0, le=600.0, description="service heartbeat period in Redis")
+    # Run explorer (`rlrt explore`, rlrt_core/samples.py): every `sample_every` learner steps the
+    # learner writes RUN_DIR/samples/step_NNNNNN.json with up to `sample_rollouts` scored rollouts
+    # of that step and per-token histograms over the whole batch; the newest `sample_keep` files stay.
+    sample_every: int = Field(5, ge=0, le=1_000_000, description="learner steps between run samples (0 = off)")
+    sample_rollouts: int = Field(16, ge=1, le=256, description="rollouts kept per sampled step")
+    sample_keep: int = Field(50, ge=1, le=100_000, description="sample files kept in RUN_DIR/samples")
 
 
 class LauncherConfig(_Section):

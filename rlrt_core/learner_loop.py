@@ -16,6 +16,9 @@ One `round()`, in order (the service calls it until `done`):
                 side effect retried until it succeeds (the step's counters move only then),
                 so a Redis blip can delay a step but never lose or repeat one
   7. checkpoint every N steps (atomic; the ledger, cursor and counters go with it)
+  8. sample     every `metrics.sample_every` steps: a bounded sample of the step's scored
+                rollouts (tokens, D̂_t, D̄_t top-k estimate, rewards) in RUN_DIR/samples
+                (`rlrt_core.samples`, read by `rlrt explore`)
 
 Resume: the newest checkpoint gives weights, optimizer, ledger, cursor and counters;
 metrics rows of steps after it are dropped (they are re-trained), versions continue above any
@@ -45,6 +48,7 @@ from rlrt_core.learner import PolicyLearner, TrainGroup, train_group
 from rlrt_core.ledger import GroupLedger
 from rlrt_core.metrics import RateWindow
 from rlrt_core.proto import trajectory_pb2 as pb
+from rlrt_core.samples import SampleSource, SampleWriter, build_step_sample, sample_source
 from rlrt_core.stages import DISPATCH_STREAM, stage
 from rlrt_core.staleness import AdmissionController
 from rlrt_core.transport.codec import Limits, prompt_task
@@ -129,7 +133,8 @@ class LearnerLoop:
     bus: a `StreamBus`; weights: an object with `publish(version, state_dict)` (the
     `WeightServer`); announce(version): records the version (and where it is served) on
     Redis; read_announced() -> the announced version or None; metrics: `LearnerMetrics` or
-    None; on_progress() / on_wait(what | None): health reporting; stop: set to end the loop.
+    None; on_progress() / on_wait(what | None): health reporting; stop: set to end the loop;
+    tokenizer: decodes the text pieces of sampled rollouts (None: samples carry token ids only).
     """
 
     def __init__(self, cfg: RunConfig, learner: PolicyLearner, problems: Sequence[Any], *, bus: Any,
@@ -137,7 +142,7 @@ class LearnerLoop:
                  worker: str, vocab_size: int | None = None, metrics: Any = None,
                  on_progress: Callable[[], None] = lambda: None,
                  on_wait: Callable[[str | None], None] = lambda _w: None,
-                 stop: threading.Event | None = None) -> None:
+                 stop: threading.Event | None = None, tokenizer: Any = None) -> None:
         self.cfg, self.lc, self.algo = cfg, cfg.learner, cfg.algorithm
         self.learner, self.model = learner, learner.model
         self.problems = list(problems)
@@ -170,6 +175,11 @@ class LearnerLoop:
         self._lock = threading.Lock()
         self._paused = False
         self._checkpoint_requested = False
+        mc = cfg.metrics
+        self.samples = SampleWriter(self.run_dir, every=mc.sample_every, max_rollouts=mc.sample_rollouts,
+                                    keep=mc.sample_keep)
+        self._sample_src: dict[str, SampleSource] = {}  # buffered group id -> what its TrainGroup drops
+        self._tokenizer = tokenizer
 
     # -- admin actions (any thread) ------------------------------------------------------
     def pause(self, paused: bool) -> None:
@@ -236,6 +246,7 @@ class LearnerLoop:
             self._dead_cursor = extra.get("dead_cursor", "0-0")
             self.version, self.step = loaded.version, loaded.step
             self._truncate_metrics(self.step)
+            self.samples.drop_after(self.step)  # those steps are re-trained (and re-sampled)
             log.info("resumed from %s: step %d, version %d", ck, loaded.step, loaded.version)
         else:
             # A fresh run: forget streams, dedupe sets, announcements and service records an
@@ -413,6 +424,8 @@ class LearnerLoop:
                 continue
             kls = [sc.position_kl_mean for sc in g.teacher_scores if len(sc.position_kl)]
             self.buffer.append((e, tg, sum(kls) / len(kls) if kls else None))
+            if self.samples.every:
+                self._sample_src[tg.group_id] = sample_source(g)
             buffered[tg.group_id] = e.id
             self.on_progress()  # taking work in is progress too (a long step follows)
         # Buffered groups age by one version per step: filter them again before training.
@@ -426,6 +439,7 @@ class LearnerLoop:
         return bool(pairs)
 
     def _drop(self, e: Any, tg: TrainGroup) -> None:
+        self._sample_src.pop(tg.group_id, None)
         self.bus.ack(e, dedupe_id=tg.group_id)
         self.ledger.dropped(tg.group_id)
         self.admission.on_dropped(1, lag=self.version - tg.version)
@@ -476,6 +490,7 @@ class LearnerLoop:
         if self.m is not None:
             self.m.data_wait_seconds.observe(wait_s)
             export_step(self.m, row, lags, self.rate)
+        self._sample_step(new_step, new_version, groups)
         self.waiting_since = time.time()
         self.on_progress()
         log.info("step %d v%d reward %.3f len %.1f loss-clip %.3f (%.1fs, waited %.1fs)", new_step, new_version,
@@ -484,6 +499,29 @@ class LearnerLoop:
             requested = self._checkpoint_requested
         if (self.lc.checkpoint_every and new_step % self.lc.checkpoint_every == 0) or self.done or requested:
             self._checkpoint()
+
+    def _sample_step(self, step: int, version: int, groups: list[TrainGroup]) -> None:
+        """Write the step's sample when due; a sample is a diagnostic: a failure is logged, never
+        retried, and never holds training up."""
+        sources = {tg.group_id: self._sample_src.pop(tg.group_id) for tg in groups if tg.group_id in self._sample_src}
+        if not self.samples.due(step):
+            return
+        try:
+            doc = build_step_sample(step, version, self.algo.method, groups, sources,
+                                    max_rollouts=self.samples.max_rollouts,
+                                    decode=self._decode if self._tokenizer is not None else None,
+                                    topk=self.cfg.teacher.topk)
+            path = self.samples.write(doc)
+            self.totals["samples_written"] += 1
+            log.info("step %d: sample of %d rollouts in %s", step, len(doc["rollouts"]), path)
+        except Exception as err:
+            self.totals["samples_failed"] += 1
+            log.warning("step %d: sample not written (%s: %s)", step, type(err).__name__, err)
+
+    def _decode(self, ids: list[int]) -> list[str]:
+        # One piece per id, exactly as decoded (no clean-up of spaces around punctuation).
+        return self._tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False,
+                                            clean_up_tokenization_spaces=False)
 
     def _isolate(self, batch: list, err: Exception) -> bool:
         """A step failed: score each group alone to find the ones at fault, dead-letter them
@@ -501,6 +539,7 @@ class LearnerLoop:
         if not culprits:
             return False
         for e, tg, own in culprits:
+            self._sample_src.pop(tg.group_id, None)
             self.bus.dead_letter(e, f"learner: group {tg.group_id!r} breaks the training step: "
                                     f"{type(own).__name__}: {own}", kind="training_failed")
             self.ledger.dead(tg.group_id)

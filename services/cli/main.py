@@ -8,6 +8,7 @@ from services.cli import eval_cmd  # noqa: F401
 from services.cli import score_cmd  # noqa: F401
 from services.cli import launch_cmd  # noqa: F401
 from services.cli import analyze_cmd  # noqa: F401
+from services.cli import explore_cmd  # noqa: F401
 from services.cli.app import app
 
 

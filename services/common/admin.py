@@ -57,6 +57,8 @@ class ServiceState:
     waiting_for: str | None = None
     waiting_since: float | None = None
     services: Callable[[], list[dict[str, Any]]] = field(default=lambda: [])
+    # Extra read-only routes (FastAPI APIRouters), e.g. the learner's run explorer.
+    routers: list[Any] = field(default_factory=list)
 
     loop_started: bool = False  # liveness counts silence only once the main loop runs
 
@@ -190,6 +192,8 @@ def make_admin_app(state: ServiceState) -> FastAPI:
 
     for name, (body_model, handler) in state.actions.items():
         _register_action(app, name, body_model, handler)
+    for router in state.routers:
+        app.include_router(router)
     return app
 
 

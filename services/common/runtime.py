@@ -143,10 +143,13 @@ class ServiceRuntime:
         signal.signal(signal.SIGINT, _stop)
 
     def start_admin(self, status: Callable[[], dict[str, Any]],
-                    actions: dict[str, tuple[Any, Callable[[Any], dict[str, Any]]]] | None = None) -> int:
+                    actions: dict[str, tuple[Any, Callable[[Any], dict[str, Any]]]] | None = None,
+                    routers: list[Any] | None = None) -> int:
+        """Start the admin app; `routers`: extra read-only FastAPI routers it mounts."""
         self.state.status = status
         if actions:
             self.state.actions.update(actions)
+        self.state.routers.extend(routers or [])
         port = self.admin.start()
         self._admin_port = port
         self._register(port)

@@ -26,8 +26,9 @@ from rlrt_core.data import load_problems
 from rlrt_core.learner import PolicyLearner
 from rlrt_core.learner_loop import LearnerLoop, StopRequested
 from rlrt_core.learner_ranks import RankedLearner, RankLost, follower_main, rank_device
-from rlrt_core.models import load_model
+from rlrt_core.models import load_model, load_tokenizer
 from services.common.admin import ActionRefused
+from services.common.explore import explore_router
 from services.common.runtime import ServiceRuntime
 
 log = logging.getLogger("rlrt.learner")
@@ -118,9 +119,13 @@ def run(cfg: RunConfig, worker: str) -> int:
     def act_checkpoint(_b) -> dict:
         return {"checkpoint": "requested", "at_step": holder["loop"].request_checkpoint()}
 
-    rt.start_admin(status, actions={"pause": (None, act_pause), "resume": (None, act_resume),
-                                    "staleness": (StalenessBody, act_staleness),
-                                    "checkpoint": (None, act_checkpoint)})
+    # The run explorer (/explore) over the samples this learner writes to its run dir.
+    admin_port = rt.start_admin(status, actions={"pause": (None, act_pause), "resume": (None, act_resume),
+                                                 "staleness": (StalenessBody, act_staleness),
+                                                 "checkpoint": (None, act_checkpoint)},
+                                routers=[explore_router(cfg.metrics.run_dir)])
+    log.info("run explorer: http://%s:%d/explore (samples every %d steps)", cfg.metrics.http_host, admin_port,
+             cfg.metrics.sample_every)
     rt.set_ready(False, "loading model and data")
     problems = load_problems(cfg.data)
     if not problems:
@@ -130,6 +135,9 @@ def run(cfg: RunConfig, worker: str) -> int:
     device = rank_device(lc.device)
     model = load_model(cfg.model.path, dtype=cfg.model.dtype, device=device, cache_dir=cfg.model.cache_dir)
     vocab_size = int(model.get_output_embeddings().weight.shape[0])  # before ZeRO-3 partitions it (shape 0)
+    # Only the run samples need text: the tokenizer decodes their token pieces.
+    tokenizer = (load_tokenizer(cfg.model.path, cache_dir=cfg.model.cache_dir)
+                 if cfg.metrics.sample_every else None)
     learner = PolicyLearner(model, lc, cfg.algorithm, temperature=cfg.rollout.temperature, device=device)
     if world > 1:
         learner = RankedLearner(learner)
@@ -155,7 +163,8 @@ def run(cfg: RunConfig, worker: str) -> int:
                        read_announced=lambda: read_announced_version(rt.redis, cfg.run_name,
                                                                      prefix=cfg.transport.stream_prefix),
                        worker=worker, vocab_size=vocab_size,
-                       metrics=rt.metrics, on_progress=rt.progressed, on_wait=rt.wait_for, stop=rt.stop_event)
+                       metrics=rt.metrics, on_progress=rt.progressed, on_wait=rt.wait_for, stop=rt.stop_event,
+                       tokenizer=tokenizer)
     holder["loop"] = loop
     rt.extra_heartbeat = lambda: {"version": loop.version, "step": loop.step}
     code = 0
