@@ -84,7 +84,8 @@ def _table(reports: list[EvalReport], ks: list[int], title: str) -> Table:
 
 @app.command("eval")
 def eval_cmd(
-    model: str = typer.Option(..., "--model", "-m", help="HF model directory, or a built-in name (smollm2-135m-instruct, tiny)"),
+    model: str = typer.Option(..., "--model", "-m", help="HF model directory, a built-in name (smollm2-135m-instruct, tiny), a run's "
+                                            "checkpoint (runs/x/checkpoints/step_N) or a run directory (its latest checkpoint)"),
     data: list[str] = typer.Option(..., "--data", "-d",
                                    help="JSONL file, built-in name (gsm8k-test, gsm8k-train) or arithmetic[:DIGITS[:OPS]]; repeatable"),
     k: int = typer.Option(16, "-k", "--samples", min=1, help="samples per problem (n of pass@k)"),
@@ -112,7 +113,13 @@ def eval_cmd(
         ks = parse_ks(pass_at, k) if pass_at else default_pass_ks(k)
     except ValueError as err:
         _fail(f"--pass-at: {err}")
-    overrides: dict[str, Any] = {"model": {"path": model}, "rollout": {"engine": engine.value, "n_samples": k}}
+    from services.cli.model_ref import CHECKPOINT_WEIGHTS, resolve_model_spec
+
+    try:  # a run's checkpoint (or run dir): its base model, then the checkpoint's weights in place
+        base_model, ckpt, ckpt_step = resolve_model_spec(model)
+    except ValueError as err:
+        _fail(f"--model {model}: {err}")
+    overrides: dict[str, Any] = {"model": {"path": base_model}, "rollout": {"engine": engine.value, "n_samples": k}}
     if dtype:
         overrides["model"]["dtype"] = dtype
     if device:
@@ -134,6 +141,10 @@ def eval_cmd(
     t0 = time.perf_counter()
     try:
         eng = make_engine(cfg)
+        if ckpt is not None:
+            from safetensors.torch import load_file
+
+            eng.load_weights(load_file(str(ckpt / CHECKPOINT_WEIGHTS)), version=max(ckpt_step, 0))
     except (ValueError, ImportError, OSError, RuntimeError) as err:
         _fail(f"cannot start the {engine.value} engine for --model {model}: {err}")
     console.print(f"[bold]rlrt eval[/bold] model={model} engine={engine.value} k={k} mode={mode.value} "
