@@ -22,7 +22,7 @@ from rlrt_core.models import SMOLLM2_NAME, load_model  # noqa: E402
 from rlrt_core.prompts import student_prompt_ids, teacher_prompt_ids  # noqa: E402
 from rlrt_core.teacher_scoring import score_group  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 TOL = 1e-4  # the bound; measured max gaps are in the assertion messages
 TOPK = 5
 PROMPT = "Tom has 3 boxes with 7 pencils in each box. He gives 5 pencils to his sister. How many pencils are left?"
