@@ -353,9 +353,10 @@ def main() -> int:
             f"{(v['tokens'] / v['seconds']) / (t['tokens'] / t['seconds']):.2f}x wall, "
             f"{(v['tokens'] / v['cpu_s']) / (t['tokens'] / t['cpu_s']):.2f}x per CPU-s" for t, v in zip(tt, tv)))
     slots = args.groups * args.samples
-    print(f"\n| mode | tokens | wall s | tokens/s | CPU s | tokens / CPU-s | first group (s) | "
-          f"live rows / step (of {slots}) | busy |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    if rows:
+        print(f"\n| mode | tokens | wall s | tokens/s | CPU s | tokens / CPU-s | first group (s) | "
+              f"live rows / step (of {slots}) | busy |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for mode, r in rows.items():
         occ = f"{r['tokens'] / r['steps']:.1f}" if "steps" in r else "—"
         busy = f"{r['busy_fraction']:.2f}" if "busy_fraction" in r else "1.00"
