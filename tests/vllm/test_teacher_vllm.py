@@ -45,7 +45,8 @@ REWARDS = [1.0, 0.0, 1.0, 1.0, 0.0, 1.0]
 def cfg():
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     return build_config({"model": {"path": SMOLLM2_NAME},
-                         "teacher": {"engine": "vllm", "topk": TOPK, "context": "solution"},
+                         "teacher": {"engine": "vllm", "topk": TOPK, "context": "solution",
+                                     "vllm": {"enforce_eager": True}},  # no compile step: faster start-up
                          "algorithm": {"method": "rlrt_all"}}, use_env=False)
 
 
