@@ -177,7 +177,8 @@ class VLLMEngine(Engine):
         those raise ValueError.
         """
         if temperature != 1.0:
-            raise ValueError(f"vLLM prompt log-probs are of the raw logits (temperature 1), got temperature {temperature}")
+            raise ValueError(f"vLLM prompt log-probs are of the raw logits (temperature 1), "
+                             f"got temperature {temperature}")
         if with_entropy or support_ids is not None:
             raise ValueError("vLLM prompt log-probs give neither the full-vocabulary entropy nor log-probs at given "
                              "ids; score with the torch scorer (teacher.engine: torch)")
