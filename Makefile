@@ -51,12 +51,13 @@ redis:
 browser:
 	@bash scripts/ensure_chromium.sh
 
-# tests/deploy needs root, a container engine and prometheus: `make test-deploy` runs it.
+# tests/deploy needs root, a container engine and prometheus: `make test-deploy` runs it;
+# tests/vllm needs the vLLM environment: `make test-vllm` runs it.
 test: install redis browser
-	REDIS_URL_TEST="$(REDIS_URL)" $(PY) -m pytest tests -q --ignore=tests/chaos --ignore=tests/deploy
+	REDIS_URL_TEST="$(REDIS_URL)" $(PY) -m pytest tests -q --ignore=tests/chaos --ignore=tests/deploy --ignore=tests/vllm
 
 test-fast: install redis
-	REDIS_URL_TEST="$(REDIS_URL)" $(PY) -m pytest tests -q -m "not slow" --ignore=tests/chaos --ignore=tests/deploy
+	REDIS_URL_TEST="$(REDIS_URL)" $(PY) -m pytest tests -q -m "not slow" --ignore=tests/chaos --ignore=tests/deploy --ignore=tests/vllm
 
 # Fault injection: real processes, a private redis-server per test (never the shared one).
 test-chaos: install
@@ -84,9 +85,10 @@ $(VLLM_VENV)/.installed: pyproject.toml
 
 vllm-env: $(VLLM_VENV)/.installed
 
-# The engine contract suite against real vLLM (the default `make test` runs it against the torch engine).
+# The engine contract suite against real vLLM (the default `make test` runs it against the torch engine),
+# and the teacher scorer on vLLM against the torch scorer (tests/vllm, SmolLM2 fp32).
 test-vllm: vllm-env
-	RLRT_TEST_ENGINES=vllm $(VLLM_PY) -m pytest tests/test_engines.py -q
+	RLRT_TEST_ENGINES=vllm $(VLLM_PY) -m pytest tests/test_engines.py tests/vllm -q
 
 # --- deployment --------------------------------------------------------------------------
 # Private engine state, base-image tarballs and the wheelhouse are cached here between runs.

@@ -13,6 +13,13 @@ only the number.", a few tokens) and long (GSM8K test questions, "solve step by 
 * service-batch  the same worker with `rollout.streaming: false` (G groups per generate call).
 * ab         overhead check on identical work: `generate([p])` vs a stream holding only that
              group (same seed, so the same tokens), interleaved twice; tokens per CPU-s of each.
+* teacher    teacher scoring of the same groups (K completions sampled once by vLLM, rewards
+             alternating so RLRT-all scores all of them, the reference solution or a peer as
+             context): `score_group` with the torch scorer vs vLLM prompt log-probs with prefix
+             caching (`teacher.engine: vllm`), torch, vllm, torch, vllm; scored tokens/s (each
+             token under both views), CPU seconds of the bench process and its children (vLLM's
+             engine and worker), the prefix-cache hit fraction and the largest |torch - vLLM|
+             log-prob. Needs vLLM: run it from .venv-vllm.
 
 Figures: generated tokens/s (EOS included) per wall second and per CPU second of the generating
 process (one torch thread, so CPU seconds measure work even when other jobs share the cores;
@@ -24,6 +31,7 @@ raw engine in the same mode.
 
     .venv/bin/python bench/rollout_stream.py [--prompts 8 --groups 4 --samples 8 --max-new-tokens 256]
         [--modes batch,stream,service,service-batch] [--model smollm2-135m-instruct | tiny]
+    .venv-vllm/bin/python bench/rollout_stream.py --modes teacher [--teacher-topk 0]
 """
 
 from __future__ import annotations
@@ -124,6 +132,92 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _tree_cpu_seconds(root: int) -> float:
+    """CPU seconds of `root` and its live descendants (vLLM's engine core and worker processes)."""
+    parent: dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    tree, frontier = {root}, [root]
+    while frontier:
+        p = frontier.pop()
+        kids = [c for c, pp in parent.items() if pp == p and c not in tree]
+        tree.update(kids)
+        frontier.extend(kids)
+    total = 0.0
+    for pid in tree:
+        try:
+            total += _cpu_seconds(pid)
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+def run_teacher(probs, args) -> list[dict]:
+    """Teacher scoring tokens/s, torch scorer vs vLLM prompt log-probs, on the same groups."""
+    from rlrt_core.config import build_config
+    from rlrt_core.engines import SamplingParams, make_teacher_engine
+    from rlrt_core.methods import get_method
+    from rlrt_core.models import load_model
+    from rlrt_core.prompts import student_prompt_ids
+    from rlrt_core.teacher_scoring import score_group
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    cfg = build_config({"model": {"path": args.model}, "algorithm": {"method": "rlrt_all"},
+                        "teacher": {"engine": "vllm", "topk": args.teacher_topk}}, use_env=False)
+    engine = make_teacher_engine(cfg)
+    model = load_model(args.model)
+    tok, spec = engine.tokenizer, get_method("rlrt_all")
+    prompts = [student_prompt_ids(tok, p.prompt) for p in probs]
+    gen = engine.generate(prompts, SamplingParams(n=args.samples, max_new_tokens=args.max_new_tokens, seed=args.seed))
+    groups = []
+    for p, ids, res in zip(probs, prompts, gen):
+        comps = res.completions
+        groups.append(dict(prompt_text=p.prompt, prompt_ids=ids, solution=p.solution,
+                           completions_token_ids=[c.token_ids for c in comps],
+                           completion_texts=[c.text for c in comps],
+                           rewards=[float(i % 2 == 0) for i in range(len(comps))]))
+    n_tokens = sum(len(t) for g in groups for t in g["completions_token_ids"])
+    print(f"teacher: {len(groups)} groups, {n_tokens} completion tokens (each scored under both views), "
+          f"context {cfg.teacher.context}, teacher.topk {args.teacher_topk}")
+
+    def score_all(scorer) -> tuple[list, dict]:
+        t0, c0 = time.perf_counter(), _tree_cpu_seconds(os.getpid())
+        cached = prompt_tokens = 0
+        out = []
+        for g in groups:
+            out.append(score_group(scorer, tok, spec, context=cfg.teacher.context, topk=args.teacher_topk, **g))
+            if scorer is engine:  # the teacher-view call of this group
+                cached += engine.score_stats["cached_tokens"]
+                prompt_tokens += engine.score_stats["prompt_tokens"]
+        row = {"mode": "teacher-" + ("vllm" if scorer is engine else "torch"), "tokens": n_tokens,
+               "seconds": time.perf_counter() - t0, "cpu_s": _tree_cpu_seconds(os.getpid()) - c0}
+        if prompt_tokens:
+            row["teacher_view_cached_fraction"] = cached / prompt_tokens
+        return out, row
+
+    rows = []
+    score_group(model, tok, spec, context=cfg.teacher.context, **groups[0])  # warm-up both
+    score_group(engine, tok, spec, context=cfg.teacher.context, **groups[0])
+    results = {}
+    for scorer in (model, engine, model, engine):
+        results[scorer is engine], row = score_all(scorer)
+        rows.append(row)
+        print("RESULT " + json.dumps(row), flush=True)
+    gap = 0.0
+    for gt, gv in zip(results[False], results[True]):
+        for a, b in zip(gt, gv):
+            if a is not None and a.scored:
+                gap = max(gap, float((a.student_logprobs - b.student_logprobs).abs().max()),
+                          float((a.teacher_logprobs - b.teacher_logprobs).abs().max()))
+    print(f"max |torch - vLLM| log-prob over both views: {gap:.2e}")
+    engine.close()
+    return rows
+
+
 def run_service(probs, gids, args, *, streaming: bool) -> dict:
     """The rollout worker as its own process, fed PromptTasks over Redis; groups read back."""
     import httpx
@@ -212,6 +306,7 @@ def main() -> int:
                     help="torch threads, here and in the service (1: OpenMP threads spinning on a loaded "
                          "2-core box made decoding ~10x slower, see tests/test_engines.py)")
     ap.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    ap.add_argument("--teacher-topk", type=int, default=0, help="teacher mode: teacher.topk (D̄_t rows)")
     args = ap.parse_args()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     # `timeout` / Ctrl-C: unwind so the service child is stopped and its Redis keys deleted
@@ -247,10 +342,21 @@ def main() -> int:
         if mode in modes:
             rows[mode] = run_service(probs, gids, args, streaming=mode == "service")
             print("RESULT " + json.dumps(rows[mode]), flush=True)
+    if "teacher" in modes:
+        teacher_rows = run_teacher(probs, args)
+        tt = [r for r in teacher_rows if r["mode"] == "teacher-torch"]
+        tv = [r for r in teacher_rows if r["mode"] == "teacher-vllm"]
+        for name, rs in (("torch", tt), ("vllm", tv)):
+            print(f"teacher {name}: " + ", ".join(f"{r['tokens'] / r['seconds']:.1f} tokens/s "
+                                                 f"({r['tokens'] / r['cpu_s']:.1f} per CPU-s)" for r in rs))
+        print("teacher vLLM / torch scored tokens/s: " + ", ".join(
+            f"{(v['tokens'] / v['seconds']) / (t['tokens'] / t['seconds']):.2f}x wall, "
+            f"{(v['tokens'] / v['cpu_s']) / (t['tokens'] / t['cpu_s']):.2f}x per CPU-s" for t, v in zip(tt, tv)))
     slots = args.groups * args.samples
-    print(f"\n| mode | tokens | wall s | tokens/s | CPU s | tokens / CPU-s | first group (s) | "
-          f"live rows / step (of {slots}) | busy |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    if rows:
+        print(f"\n| mode | tokens | wall s | tokens/s | CPU s | tokens / CPU-s | first group (s) | "
+              f"live rows / step (of {slots}) | busy |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for mode, r in rows.items():
         occ = f"{r['tokens'] / r['steps']:.1f}" if "steps" in r else "—"
         busy = f"{r['busy_fraction']:.2f}" if "busy_fraction" in r else "1.00"

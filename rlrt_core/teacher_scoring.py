@@ -10,7 +10,10 @@ travel with the scores:
                            ids, for the learner's logit-level distillation (SDPO/SRPO)
     spec.needs_teacher_entropy   the teacher view's full-vocabulary entropy per token (SRPO)
 
-Everything is computed chunked (`rlrt_core.scoring.score_tokens`): no [B, T, V] tensor is kept.
+With a torch model everything is computed chunked (`rlrt_core.scoring.score_tokens`): no
+[B, T, V] tensor is kept. With a scoring engine (`teacher.engine: vllm`, `VLLMEngine.score_tokens`,
+prompt log-probs with prefix caching) the same outputs come from vLLM: log-probs of the sampled
+tokens and top-k rows, so D̄_t too, but not the SDPO/SRPO rows (the config refuses those methods).
 The service packs the result with `rlrt_core.transport.codec.set_rollout_scores`.
 """
 
@@ -84,7 +87,10 @@ def score_group(model: Any, tokenizer: Any, spec: MethodSpec, *, prompt_text: st
     """Score the completions of one group that `spec` needs, without gradient.
 
     Args:
-        model, tokenizer: the policy (teacher = student weights) and its tokenizer.
+        model, tokenizer: the policy (teacher = student weights) and its tokenizer. `model` is a
+            transformers causal LM, or an engine with `score_tokens(prompt_ids, response_ids,
+            temperature=, topk=, with_entropy=, support_ids=) -> ScoreResult` and `vocab_size`
+            (`VLLMEngine`): same outputs, computed by vLLM.
         spec: the method (`rlrt_core.methods.get_method(cfg.algorithm.method)`).
         prompt_text / prompt_ids: the problem's prompt as text (for the teacher prompt) and as the
             student prompt ids the completions were generated from.
@@ -101,7 +107,13 @@ def score_group(model: Any, tokenizer: Any, spec: MethodSpec, *, prompt_text: st
     k = len(completions_token_ids)
     if len(completion_texts) != k or len(rewards) != k:
         raise ValueError(f"score_group: {k} completions, {len(completion_texts)} texts, {len(rewards)} rewards")
-    vocab = model.get_output_embeddings().weight.shape[0]
+    if isinstance(model, torch.nn.Module):
+        vocab = model.get_output_embeddings().weight.shape[0]
+
+        def score(prompts: list[list[int]], responses: list[list[int]], **kw: Any) -> Any:
+            return score_tokens(model, prompts, responses, **kw)
+    else:
+        vocab, score = model.vocab_size, model.score_tokens
     n_support = min(distill_topk, vocab) if spec.needs_topk else 0
     out: list[RolloutScore | None] = [None] * k
     jobs: list[tuple[int, list[int]]] = []
@@ -117,11 +129,10 @@ def score_group(model: Any, tokenizer: Any, spec: MethodSpec, *, prompt_text: st
             responses = [list(completions_token_ids[i]) for i in idx]
             # Student top-k: max of the D̄_t rows and the distillation support (one pass).
             s_topk = max(topk, n_support)
-            student = score_tokens(model, [list(prompt_ids)] * len(idx), responses, temperature=temperature,
-                                   topk=s_topk)
+            student = score([list(prompt_ids)] * len(idx), responses, temperature=temperature, topk=s_topk)
             support = student.topk_ids[..., :n_support] if n_support else None
-            teacher = score_tokens(model, [p for _, p in chunk], responses, temperature=temperature, topk=topk,
-                                   with_entropy=spec.needs_teacher_entropy, support_ids=support)
+            teacher = score([p for _, p in chunk], responses, temperature=temperature, topk=topk,
+                            with_entropy=spec.needs_teacher_entropy, support_ids=support)
             for row, i in enumerate(idx):
                 n = len(responses[row])
                 sc = out[i]

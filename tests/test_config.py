@@ -47,6 +47,20 @@ def test_cross_field_rules():
         build_config({"data": {"source": "jsonl"}}, use_env=False)
 
 
+def test_teacher_engine_vllm_only_for_methods_it_can_score():
+    for method in ("rlrt", "rlsd", "rlrt_all", "grpo"):
+        cfg = build_config({"algorithm": {"method": method}, "teacher": {"engine": "vllm"}}, use_env=False)
+        assert cfg.teacher.engine == "vllm"
+    for method, what in (("sdpo", "top-k ids"), ("srpo", "full-vocabulary entropy")):
+        with pytest.raises(ConfigError, match=rf"teacher\.engine 'vllm' cannot score method '{method}'.*{what}"):
+            build_config({"algorithm": {"method": method}, "teacher": {"engine": "vllm"}}, use_env=False)
+    env = {"RLRT__TEACHER__ENGINE": "vllm", "RLRT__TEACHER__VLLM__ENFORCE_EAGER": "true"}
+    cfg = build_config({}, environ=env)
+    assert cfg.teacher.engine == "vllm" and cfg.teacher.vllm.enforce_eager is True
+    with pytest.raises(ConfigError, match=r"teacher\.engine"):
+        build_config({"teacher": {"engine": "tensorrt"}}, use_env=False)
+
+
 def test_env_overrides_typed_and_validated():
     env = {"RLRT__LEARNER__LR": "5e-6", "RLRT__ALGORITHM__DECAY_STEPS": "30",
            "RLRT__ALGORITHM__NORM_BY_STD": "false", "REDIS_URL": "redis://:pw@127.0.0.1:6379/2"}

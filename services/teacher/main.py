@@ -15,7 +15,7 @@ import time
 import torch
 
 from rlrt_core.config import RunConfig
-from rlrt_core.engines import TorchEngine
+from rlrt_core.engines import make_teacher_engine
 from rlrt_core.methods import rollouts_to_score
 from rlrt_core.teacher_scoring import score_group
 from rlrt_core.transport.codec import Limits, set_rollout_scores
@@ -51,10 +51,9 @@ def run(cfg: RunConfig, worker: str) -> int:
 
     rt.start_admin(status)
     rt.set_ready(False, "loading model")
-    # The teacher scores with a torch model (it needs both views' rows of the same tokens).
-    engine = TorchEngine(cfg.model.path, dtype=cfg.model.dtype, device=cfg.teacher.device,
-                         cache_dir=cfg.model.cache_dir)
-    model, tok = engine.model, engine.tokenizer
+    # teacher.engine: a torch model scored in chunks, or vLLM prompt log-probs (the engine itself scores).
+    engine = make_teacher_engine(cfg)
+    model, tok = (engine.model if cfg.teacher.engine == "torch" else engine), engine.tokenizer
     rt.extra_heartbeat = lambda: {"version": engine.version}
 
     def on_loaded(version: int, seconds: float) -> None:
@@ -111,5 +110,6 @@ def run(cfg: RunConfig, worker: str) -> int:
         rt.loop(step, on_error=rt.retry_pending())
     finally:
         sync.close()
+        engine.close()
         rt.close()
     return 0
