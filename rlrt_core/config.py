@@ -302,6 +302,8 @@ class RelayConfig(_Section):
     ttl_s: float = Field(15.0, gt=0.0, le=3600.0, description="lifetime of the relay's registry record in Redis")
     heartbeat_s: float = Field(5.0, gt=0.0, le=600.0, description="how often the relay refreshes its record")
     poll_s: float = Field(0.2, gt=0.0, le=60.0, description="how often the relay checks for a new announced version")
+    max_behind_s: float = Field(60.0, gt=0.0, le=86_400.0,
+                                description="/readyz fails while the relay lags the announced version for longer")
 
     @model_validator(mode="after")
     def _beats_before_expiry(self) -> "RelayConfig":
