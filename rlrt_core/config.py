@@ -372,6 +372,10 @@ class RayConfig(_Section):
     verifier: RayActorResources = Field(default_factory=RayActorResources)
     teacher: RayActorResources = Field(default_factory=RayActorResources)
     learner: RayLearnerResources = Field(default_factory=RayLearnerResources)
+    # One weight relay actor pinned to every alive node (rlrt_core.weights.relay); the workers
+    # then pull through the relay of their node (transport.weights_relay: auto).
+    relay_per_node: bool = False
+    relay: RayActorResources = Field(default_factory=lambda: RayActorResources(num_cpus=0.5))
     namespace: str = "rlrt"
 
 
