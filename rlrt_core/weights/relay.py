@@ -247,6 +247,11 @@ class WeightRelay:
         self.on_pulled: Callable[[str, int, float], None] = lambda _kind, _nbytes, _seconds: None
         self.on_upstream_failure: Callable[[str, Exception], None] = lambda _target, _err: None
 
+    @property
+    def pulling(self) -> int:
+        """The version being pulled from upstream right now (-1: none)."""
+        return self._pulling
+
     def _client(self, target: str) -> WeightClient:
         c = self._clients.get(target)
         if c is None:
@@ -326,7 +331,8 @@ class WeightRelay:
             self._serve(pulled.held)
             self.pulled_bytes += pulled.bytes_received
             self.pulls[pulled.kind] += 1
-            self.behind_since = None if self.announced is None or pulled.version >= self.announced else self.behind_since
+            if self.announced is None or pulled.version >= self.announced:
+                self.behind_since = None
             self.last_error = ""
             self.on_pulled(pulled.kind, pulled.bytes_received, time.perf_counter() - t0)
             log.info("relay %s: serving version %d (%s pull from %s, %d bytes)", self.relay_id, pulled.version,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 
 from rlrt_core.config import RunConfig
@@ -68,6 +69,7 @@ class RelayReport:
     def __init__(self, rt, relay, server, cfg: RunConfig) -> None:
         self.rt, self.relay, self.server, self.cfg = rt, relay, server, cfg
         self.m = rt.metrics
+        self._lock = threading.Lock()  # refresh() runs on the relay loop and on the reporter thread
         self._sent = 0
         self._streams = {"full": 0, "delta": 0}
         self._beat_ok: float | None = None
@@ -81,9 +83,32 @@ class RelayReport:
         self.m.relay_pull_seconds.observe(seconds)
 
     def round(self) -> None:
-        """Called after every round of the relay's loop (and before it starts)."""
-        r, s, m, st = self.relay, self.server, self.m, self.rt.state
-        st.beat()
+        """Called after every round of the relay's loop (and before it starts): the main
+        loop's liveness beat, then a refresh."""
+        self.rt.state.beat()
+        self.refresh()
+
+    def run_reporter(self, stop: threading.Event, every_s: float = 0.5) -> threading.Thread:
+        """Refresh every `every_s` on a thread of its own: the relay's loop may sleep up to
+        10 s between rounds while its upstream or Redis is away, and readiness must not wait."""
+        def loop() -> None:
+            while not stop.wait(every_s):
+                try:
+                    self.refresh()
+                except Exception:  # reporting must never take the relay down
+                    log.warning("relay report failed", exc_info=True)
+
+        t = threading.Thread(target=loop, name="relay-report", daemon=True)
+        t.start()
+        return t
+
+    def refresh(self) -> None:
+        """Metrics (counters advanced by what changed), progress, what it waits for, readiness."""
+        with self._lock:
+            self._refresh()
+
+    def _refresh(self) -> None:
+        r, s, m = self.relay, self.server, self.m
         sent = s.bytes_sent
         if sent > self._sent:
             m.relay_sent_bytes.inc(sent - self._sent)
@@ -117,7 +142,8 @@ class RelayReport:
             what = "no version announced yet" if r.announced is None else f"version {r.announced} announced"
             return False, f"holds no weight version yet ({what}{'; ' + r.last_error if r.last_error else ''})"
         if r.behind_since is not None and now - r.behind_since > rc.max_behind_s:
-            return False, (f"holds version {latest}, version {r.announced} announced {now - r.behind_since:.0f}s ago "
+            return False, (f"holds version {latest}, version {r.announced} announced: behind for "
+                           f"{now - r.behind_since:.0f}s "
                            f"(relay.max_behind_s={rc.max_behind_s:g}){'; ' + r.last_error if r.last_error else ''}")
         return True, f"serving version {latest}"
 
@@ -127,8 +153,9 @@ class RelayReport:
         pulls = dict(r.pulls)
         return {"version": versions[-1] if versions else None, "versions": versions, "announced": r.announced,
                 "address": r.advertise, "node": r.node, "upstream": r.upstream or "learner (announced address)",
-                "pulling": r._pulling, "processed": sum(pulls.values()),
-                "counters": {"bytes_sent": s.bytes_sent, "pulled_bytes": r.pulled_bytes, **{f"pulls_{k}": v for k, v in pulls.items()},
+                "pulling": r.pulling, "processed": sum(pulls.values()),
+                "counters": {"bytes_sent": s.bytes_sent, "pulled_bytes": r.pulled_bytes,
+                             **{f"pulls_{k}": v for k, v in pulls.items()},
                              "client_streams": sum(s.streams.values()), "upstream_failures": r.upstream_failures},
                 "registry_write_failures": r.beat_failures, "last_error": r.last_error or None}
 
@@ -163,6 +190,7 @@ def run(cfg: RunConfig, worker: str) -> int:
         rt.install_signal_handlers()
         report.round()
         rt.start_admin(report.status)
+        report.run_reporter(rt.stop_event)
         log.info("relay %s (pid %d) serving on %s for node %s; upstream %s", worker, os.getpid(), relay.advertise,
                  relay.node, cfg.relay.upstream or "the learner's announced address")
         relay.run(rt.stop_event, on_round=report.round)  # registers at once; Redis away at start is retried
