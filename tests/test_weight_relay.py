@@ -464,10 +464,12 @@ def test_relay_admin_app_metrics_readiness_and_status(rrun, tmp_path: Path) -> N
             assert st["counters"]["bytes_sent"] == m[("rlrt_relay_sent_bytes_total", "")]
 
             # `rlrt status`: the live relay from the registry, with what it holds and sent
-            snap = collect_status(tmp_path / "run")
+            sent = m[("rlrt_relay_sent_bytes_total", "")]
+            # the record is rewritten every relay.heartbeat_s (0.5 s): wait for the one after the pulls
+            snap = _until(lambda: (x := collect_status(tmp_path / "run"))["relays"]
+                          and x["relays"][0]["bytes_sent"] == sent and x, "the registry never showed the bytes sent")
             [rel] = snap["relays"]
             assert rel["relay_id"] == "relay-p" and rel["node"] == "n0" and rel["versions"] == [1, 2]
-            assert rel["bytes_sent"] == m[("rlrt_relay_sent_bytes_total", "")]
             assert any(sv["worker"] == "relay-p" and sv["alive"] for sv in snap["services"])
             con = Console(record=True, width=200)
             con.print(render_status(snap))
