@@ -309,6 +309,8 @@ class RelayConfig(_Section):
     ttl_s: float = Field(15.0, gt=0.0, le=3600.0, description="lifetime of the relay's registry record in Redis")
     heartbeat_s: float = Field(5.0, gt=0.0, le=600.0, description="how often the relay refreshes its record")
     poll_s: float = Field(0.2, gt=0.0, le=60.0, description="how often the relay checks for a new announced version")
+    max_behind_s: float = Field(60.0, gt=0.0, le=86_400.0,
+                                description="/readyz fails while the relay lags the announced version for longer")
 
     @model_validator(mode="after")
     def _beats_before_expiry(self) -> "RelayConfig":
@@ -377,6 +379,10 @@ class RayConfig(_Section):
     verifier: RayActorResources = Field(default_factory=RayActorResources)
     teacher: RayActorResources = Field(default_factory=RayActorResources)
     learner: RayLearnerResources = Field(default_factory=RayLearnerResources)
+    # One weight relay actor pinned to every alive node (rlrt_core.weights.relay); the workers
+    # then pull through the relay of their node (transport.weights_relay: auto).
+    relay_per_node: bool = False
+    relay: RayActorResources = Field(default_factory=lambda: RayActorResources(num_cpus=0.5))
     namespace: str = "rlrt"
 
 

@@ -2,7 +2,7 @@
 
 Conventions (checked by tests/test_metrics_defs.py):
 - names start with `rlrt_`, then the owning subsystem (`rollout`, `verifier`, `teacher`,
-  `learner`, `bus`) or nothing for metrics every service exports;
+  `learner`, `relay`, `bus`) or nothing for metrics every service exports;
 - a metric with a unit ends in that unit in plural base form (`_seconds`, `_tokens`,
   `_nats`, `_messages`, `_versions`, `_bytes`; `_ratio` for fractions in [0, 1]); counters end in
   `_total` (after the unit);
@@ -27,12 +27,16 @@ from typing import Any, Callable, Literal, Mapping, Union, overload
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from rlrt_core.stages import SERVICES  # the stage table names the services
+from rlrt_core.stages import SERVICES as STAGE_SERVICES  # the stage table names the pipeline services
 
 Kind = Literal["counter", "gauge", "histogram"]
 
 CONST_LABELS: tuple[str, ...] = ("service", "run", "worker")
+# Every service that exports metrics: the pipeline stages, and the weight relay (which reads
+# no stream, so it has no queue or dead-letter metrics).
+SERVICES: tuple[str, ...] = STAGE_SERVICES + ("relay",)
 ALL = SERVICES  # shorthand for metrics every service exports
+PIPE = STAGE_SERVICES  # metrics every pipeline stage exports (streams, consumer groups)
 
 # Buckets. Seconds span a fast verifier call (ms) to a slow learner step on CPU (minutes).
 SECONDS_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -78,7 +82,7 @@ def _h(attr: str, name: str, unit: str, services: tuple[str, ...], help: str, bu
     return MetricSpec(attr, name, "histogram", unit, services, help, buckets=tuple(buckets), **kw)
 
 
-R, V, T, L = ("rollout",), ("verifier",), ("teacher",), ("learner",)
+R, V, T, L, Y = ("rollout",), ("verifier",), ("teacher",), ("learner",), ("relay",)
 
 METRICS: tuple[MetricSpec, ...] = (
     # -- every service -------------------------------------------------------------------
@@ -89,19 +93,19 @@ METRICS: tuple[MetricSpec, ...] = (
     _c("errors", "rlrt_errors_total", "", ALL,
        "Errors the service recovered from, by kind (e.g. redis, decode, engine, weights, verify).",
        label="kind"),
-    _c("dead_lettered", "rlrt_dead_lettered_messages_total", "messages", ALL,
+    _c("dead_lettered", "rlrt_dead_lettered_messages_total", "messages", PIPE,
        "Stream entries this service moved to the dead-letter stream, by reason.", label="reason"),
-    _c("claimed", "rlrt_bus_claimed_messages_total", "messages", ALL,
+    _c("claimed", "rlrt_bus_claimed_messages_total", "messages", PIPE,
        "Pending stream entries this service claimed from an idle (dead or stuck) consumer.",
        label="stream"),
     # bus gauges: refreshed by whichever service reads StreamBus stats (the learner does)
-    _g("bus_length", "rlrt_bus_stream_length_messages", "messages", ALL,
+    _g("bus_length", "rlrt_bus_stream_length_messages", "messages", PIPE,
        "Entries held in a Redis stream (XLEN).", label="stream"),
-    _g("bus_pending", "rlrt_bus_pending_messages", "messages", ALL,
+    _g("bus_pending", "rlrt_bus_pending_messages", "messages", PIPE,
        "Entries delivered to a consumer of the stream's group but not yet acknowledged.", label="stream"),
-    _g("bus_lag", "rlrt_bus_lag_messages", "messages", ALL,
+    _g("bus_lag", "rlrt_bus_lag_messages", "messages", PIPE,
        "Entries in a stream not yet delivered to its consumer group (the queue depth).", label="stream"),
-    _g("bus_dead_letter", "rlrt_bus_dead_letter_messages", "messages", ALL,
+    _g("bus_dead_letter", "rlrt_bus_dead_letter_messages", "messages", PIPE,
        "Entries held in the run's dead-letter stream (`dead`)."),
     # -- rollout -------------------------------------------------------------------------
     _c("generated_tokens", "rlrt_rollout_generated_tokens_total", "tokens", R,
@@ -230,6 +234,28 @@ METRICS: tuple[MetricSpec, ...] = (
     _h("weight_publish_seconds", "rlrt_learner_weight_publish_seconds", "seconds", L,
        "Time to publish a new weight version to the WeightService."),
     _h("checkpoint_seconds", "rlrt_learner_checkpoint_seconds", "seconds", L, "Time to write one checkpoint."),
+    # -- relay -------------------------------------------------------------------------
+    _g("relay_weight_version", "rlrt_relay_weight_version", "", Y,
+       "Newest weight version the relay holds and serves (-1 before the first)."),
+    _g("relay_announced_version", "rlrt_relay_announced_version", "", Y,
+       "Newest weight version the learner has announced, as the relay last read it (-1: none)."),
+    _g("relay_held_versions", "rlrt_relay_held_versions", "versions", Y,
+       "Weight versions the relay holds and serves (up to transport.keep_versions)."),
+    _c("relay_sent_bytes", "rlrt_relay_sent_bytes_total", "bytes", Y,
+       "Weight payload bytes the relay sent to its clients (its egress; deltas as encoded)."),
+    _c("relay_pulled_bytes", "rlrt_relay_pulled_bytes_total", "bytes", Y,
+       "Weight payload bytes the relay received from its upstream (deltas as encoded)."),
+    _c("relay_pulls", "rlrt_relay_pulls_total", "", Y,
+       "Weight versions the relay pulled from upstream, by kind: full (no version held), delta (rebuilt "
+       "from the held one), fallback (a delta was refused or failed its checks, and the version came in full).",
+       label="kind", label_values=("full", "delta", "fallback")),
+    _c("relay_upstream_failures", "rlrt_relay_upstream_failures_total", "", Y,
+       "Pulls from an upstream (a fixed relay.upstream or the learner) that failed or found it behind."),
+    _c("relay_client_streams", "rlrt_relay_client_streams_total", "", Y,
+       "Weight versions the relay streamed to its clients (one per client pull), by kind: full or delta.",
+       label="kind", label_values=("full", "delta")),
+    _h("relay_pull_seconds", "rlrt_relay_pull_seconds", "seconds", Y,
+       "Time to pull one new version from upstream and start serving it."),
 )
 
 def metric_specs(service: str | None = None) -> tuple[MetricSpec, ...]:
@@ -300,12 +326,6 @@ class ServiceMetrics:
     build_info: LabelledMetric
     start_time: Gauge
     errors: LabelledMetric
-    dead_lettered: LabelledMetric
-    claimed: LabelledMetric
-    bus_length: LabelledMetric
-    bus_pending: LabelledMetric
-    bus_lag: LabelledMetric
-    bus_dead_letter: Gauge
 
     def __init__(self, service: str, run: str, worker: str, registry: CollectorRegistry | None = None) -> None:
         _check_service(service)
@@ -327,6 +347,22 @@ class ServiceMetrics:
             setattr(self, spec.attr, bound)
         self.build_info.labels(version=_package_version()).set(1)
         self.start_time.set(time.time())
+
+    def exposition(self) -> bytes:
+        """The registry in the Prometheus text format (what `/metrics` serves)."""
+        return generate_latest(self.registry)
+
+
+class PipelineMetrics(ServiceMetrics):
+    """The metrics every pipeline stage exports besides the common ones: its streams'
+    queue gauges, claims and dead letters."""
+
+    dead_lettered: LabelledMetric
+    claimed: LabelledMetric
+    bus_length: LabelledMetric
+    bus_pending: LabelledMetric
+    bus_lag: LabelledMetric
+    bus_dead_letter: Gauge
 
     def set_bus_stats(self, stream: str, *, length: int | None = None, pending: int | None = None,
                       lag: int | None = None) -> None:
@@ -352,12 +388,8 @@ class ServiceMetrics:
             lag = max((int(g["lag"]) for g in groups), default=length)
             self.set_bus_stats(name, length=length, pending=pending, lag=lag)
 
-    def exposition(self) -> bytes:
-        """The registry in the Prometheus text format (what `/metrics` serves)."""
-        return generate_latest(self.registry)
 
-
-class RolloutMetrics(ServiceMetrics):
+class RolloutMetrics(PipelineMetrics):
     generated_tokens: Counter
     tokens_per_second: Gauge
     completions: LabelledMetric
@@ -373,14 +405,14 @@ class RolloutMetrics(ServiceMetrics):
     engine_busy: Gauge
 
 
-class VerifierMetrics(ServiceMetrics):
+class VerifierMetrics(PipelineMetrics):
     rewards: LabelledMetric
     timeouts: Counter
     verified_groups: Counter
     completion_seconds: Histogram
 
 
-class TeacherMetrics(ServiceMetrics):
+class TeacherMetrics(PipelineMetrics):
     rollouts_scored: Counter
     scored_tokens: Counter
     skipped: LabelledMetric
@@ -398,7 +430,7 @@ class TeacherMetrics(ServiceMetrics):
     score_seconds: Histogram
 
 
-class LearnerMetrics(ServiceMetrics):
+class LearnerMetrics(PipelineMetrics):
     step: Gauge
     learner_weight_version: Gauge
     loss: Gauge
@@ -427,8 +459,21 @@ class LearnerMetrics(ServiceMetrics):
     checkpoint_seconds: Histogram
 
 
+class RelayMetrics(ServiceMetrics):
+    relay_weight_version: Gauge
+    relay_announced_version: Gauge
+    relay_held_versions: Gauge
+    relay_sent_bytes: Counter
+    relay_pulled_bytes: Counter
+    relay_pulls: LabelledMetric
+    relay_upstream_failures: Counter
+    relay_client_streams: LabelledMetric
+    relay_pull_seconds: Histogram
+
+
 METRICS_CLASSES: dict[str, type[ServiceMetrics]] = {
     "rollout": RolloutMetrics, "verifier": VerifierMetrics, "teacher": TeacherMetrics, "learner": LearnerMetrics,
+    "relay": RelayMetrics,
 }
 
 
@@ -444,6 +489,9 @@ def service_metrics(service: Literal["teacher"], run: str, worker: str,
 @overload
 def service_metrics(service: Literal["learner"], run: str, worker: str,
                     registry: CollectorRegistry | None = None) -> LearnerMetrics: ...
+@overload
+def service_metrics(service: Literal["relay"], run: str, worker: str,
+                    registry: CollectorRegistry | None = None) -> RelayMetrics: ...
 @overload
 def service_metrics(service: str, run: str, worker: str,
                     registry: CollectorRegistry | None = None) -> ServiceMetrics: ...
@@ -494,7 +542,8 @@ DOC_END = "<!-- END GENERATED -->"
 def metrics_markdown() -> str:
     """The metric reference of docs/metrics.md: one table per service (plus one for the
     metrics every service exports), with the attribute name on the `service_metrics` object."""
-    sections = [("Every service", lambda s: s.services == ALL)]
+    sections = [("Every service", lambda s: s.services == ALL),
+                ("Every pipeline service (not the relay)", lambda s: s.services == PIPE)]
     sections += [(f"{svc.capitalize()}", (lambda svc: lambda s: s.services == (svc,))(svc)) for svc in SERVICES]
     lines: list[str] = []
     for title, keep in sections:

@@ -152,8 +152,8 @@ class LocalRun:
             cmd = [py, "-m", "services.cli.main", "serve", service, "--config", str(cfg_file), "--worker", worker]
             self.children.append(Child(service, worker, cmd, env, self.run_dir / "logs" / f"{worker}.log"))
         (self.run_dir / "plan.json").write_text(json.dumps([{"service": s, "worker": w} for s, w in plan]))
-        # Relays are not pipeline services (no admin app, no heartbeat in the services table):
-        # supervised and restarted like workers, left out of plan.json.
+        # Relays are not pipeline stages: supervised and restarted like workers, left out of
+        # plan.json (a run without them is complete); they announce their admin app like the rest.
         for i in range(cfg.launcher.relays):
             worker = f"relay-{i}"
             cmd = [py, "-m", "services.cli.main", "serve", "relay", "--config", str(cfg_file), "--worker", worker]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,25 +34,33 @@ def _pid_alive(pid: int | None) -> bool:
         return False
 
 
-def _redis_services(run_dir: Path) -> list[dict[str, Any]]:
-    """The run's service table in Redis (heartbeats of every service, dead ones included),
-    read through the run's effective config; [] when it cannot be reached."""
+def _redis_services(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The run's service table in Redis (heartbeats of every service, dead ones included) and
+    its live weight relays (the relay registry), read through the run's effective config;
+    ([], []) when it cannot be reached."""
     try:
         from rlrt_core.config import load_config
+        from rlrt_core.weights.relay import live_relays
         from services.common.runtime import read_services
 
         cfg = load_config(run_dir / "config.yaml", use_env=False)
         if not cfg.transport.redis_url:
-            return []
+            return [], []
         import redis
 
         client = redis.Redis.from_url(cfg.transport.redis_url, socket_connect_timeout=1, socket_timeout=2)
+        prefix = cfg.transport.stream_prefix
         try:
-            return read_services(client, cfg.transport.stream_prefix, cfg.run_name, heartbeat_s=cfg.metrics.heartbeat_s)
+            services = read_services(client, prefix, cfg.run_name, heartbeat_s=cfg.metrics.heartbeat_s)
+            relays = [{"relay_id": r.relay_id, "address": r.address, "node": r.node, "versions": list(r.versions),
+                       "bytes_sent": r.bytes_sent, "pulled_bytes": r.pulled_bytes, "pulling": r.pulling,
+                       "last_seen_s": round(time.time() - r.last_seen, 1)}
+                      for r in live_relays(client, cfg.run_name, prefix=prefix)]
+            return services, relays
         finally:
             client.close()
     except Exception:
-        return []
+        return [], []
 
 
 def collect_status(run_dir: str | Path) -> dict[str, Any]:
@@ -65,7 +74,8 @@ def collect_status(run_dir: str | Path) -> dict[str, Any]:
     import socket
 
     here = socket.gethostname()
-    for rec in _redis_services(run_dir):
+    recs, relays = _redis_services(run_dir)
+    for rec in recs:
         alive = rec.get("alive", False)
         if rec.get("host") == here and not _pid_alive(rec.get("pid")):
             alive = False  # on this machine the process table beats a heartbeat a few seconds old
@@ -83,7 +93,7 @@ def collect_status(run_dir: str | Path) -> dict[str, Any]:
             services[ep["worker"]] = {**ep, "alive": False, "status": {"error": "down (process gone)"}}
     rows = read_metrics(run_dir)
     return {"run_dir": str(run_dir), "services": sorted(services.values(), key=lambda s: str(s.get("worker"))),
-            "last_step": rows[-1] if rows else None, "steps": len(rows)}
+            "relays": relays, "last_step": rows[-1] if rows else None, "steps": len(rows)}
 
 
 def queue_rows(queues: dict[str, Any]) -> list[tuple[str, Any, Any, Any]]:
@@ -107,6 +117,14 @@ def _fmt(v: Any, nd: int = 3) -> str:
     return str(v)
 
 
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
 def render_status(snap: dict[str, Any]) -> Group:
     t = Table(title=f"services of {snap['run_dir']}")
     for col in ("worker", "state", "pid", "ready", "version", "processed", "detail"):
@@ -128,6 +146,15 @@ def render_status(snap: dict[str, Any]) -> Group:
         for name, length, pending, lag in queue_rows(queues):
             q.add_row(name, _fmt(length), _fmt(pending), _fmt(lag))
         parts.append(q)
+    if snap.get("relays"):
+        r = Table(title="weight relays (live)")
+        for col in ("relay", "address", "node", "versions", "sent", "pulled", "pulling"):
+            r.add_column(col)
+        for rec in snap["relays"]:
+            r.add_row(rec["relay_id"], rec["address"], rec["node"], ",".join(map(str, rec["versions"])) or "-",
+                      _bytes(rec["bytes_sent"]), _bytes(rec["pulled_bytes"]),
+                      "-" if rec["pulling"] < 0 else str(rec["pulling"]))
+        parts.append(r)
     last = snap.get("last_step")
     if last:
         m = Table(title=f"learner step {last.get('step')}")

@@ -17,6 +17,9 @@ Driver, in order:
      `weights_target` = <learner node IP>:<port> holds for the whole run.
   3. Actors: learner, then `ray.teacher_workers` teachers, `ray.verifier_workers` verifiers and
      `ray.rollout_workers` (or --rollout-workers) rollout workers; each kind is one consumer group.
+     With `ray.relay_per_node`, one weight relay per alive node, pinned to it (`relay-<i>`,
+     advertising the node's IP on a multi-node cluster); the workers switch to
+     `transport.weights_relay: auto` and find the relay of their node (same host name) first.
   4. Wait for the learner to exit 0 (restarts of it are waited through), then stop everything.
 """
 
@@ -166,6 +169,7 @@ class RayRun:
         else:
             # A local cluster gets as many logical CPUs as the plan asks for (or the cores).
             need = sum(self._resources(s)[0] for s, _ in self.plan())
+            need += self.cfg.ray.relay.num_cpus if self.cfg.ray.relay_per_node else 0.0  # one node
             num_cpus = self.local_num_cpus or max(os.cpu_count() or 1, int(need + 0.999))
             ray.init(num_cpus=num_cpus, **kw)
         self._started_ray = True
@@ -215,6 +219,10 @@ class RayRun:
         cfg.transport.weights_port = 0  # bound by the learner, announced with its address
         cfg.transport.weights_advertise = None if single else probe["ip"]
         cfg.transport.weights_target = None
+        if cfg.ray.relay_per_node:
+            cfg.transport.weights_relay = "auto"
+            cfg.relay.host = "127.0.0.1" if single else "0.0.0.0"
+            cfg.relay.port = 0  # bound by each relay, registered with its address
         self.cfg = cfg
         config_yaml = dump_config(cfg)
         (self.run_dir / "config.yaml").write_text(config_yaml)
@@ -229,9 +237,27 @@ class RayRun:
             threads = max(1, int(cpus)) if cpus else 1
             nproc = cfg.ray.learner.world_size if service == "learner" else 1
             self.actors[worker] = actor_cls.options(**opts).remote(service, worker, config_yaml, threads, nproc)
+        if cfg.ray.relay_per_node:
+            self._start_relays(actor_cls, alive, single)
         infos = ray.get([a.info.remote() for a in self.actors.values()], timeout=600)
         for i in infos:
             log.info("%s on %s (service pid %s)", i["worker"], i["node_ip"], i["pid"])
+
+    def _start_relays(self, actor_cls: Any, alive: list[dict[str, Any]], single: bool) -> None:
+        """One relay actor pinned to each alive node; on a multi-node cluster each registers
+        its node's IP (its config differs from the others' only in `relay.advertise`)."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        res = self.cfg.ray.relay
+        for i, node in enumerate(sorted(alive, key=lambda n: n["NodeID"])):
+            worker = f"relay-{i}"
+            rcfg = self.cfg.model_copy(deep=True)
+            rcfg.relay.advertise = None if single else node["NodeManagerAddress"]
+            opts: dict[str, Any] = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus,
+                                    "max_restarts": self.cfg.ray.max_restarts, "name": f"{rcfg.run_name}-{worker}",
+                                    "max_concurrency": 4,
+                                    "scheduling_strategy": NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)}
+            self.actors[worker] = actor_cls.options(**opts).remote("relay", worker, dump_config(rcfg), 1)
 
     def wait(self, timeout_s: float | None = None, tick_s: float = 1.0) -> int:
         """Block until the learner exits cleanly (returns 0) or its restarts are exhausted (returns 1)."""

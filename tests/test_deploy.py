@@ -39,7 +39,8 @@ import yaml
 
 import services.cli.main  # noqa: F401  (registers every sub-command on the app)
 from rlrt_core.config import load_config
-from rlrt_core.metrics import SERVICES, series_names
+from rlrt_core.metrics import series_names
+from rlrt_core.stages import SERVICES  # the four pipeline services (the weight relay is checked on its own)
 from services.cli.app import app as cli_app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,7 +165,7 @@ def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
 
 
 def workloads(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return {d["metadata"]["name"]: d for d in docs if d["kind"] in ("Deployment", "StatefulSet")}
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] in ("Deployment", "StatefulSet", "DaemonSet")}
 
 
 def selector_matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
@@ -400,7 +401,7 @@ def test_k8s_cross_references(overlay: str):
     # ServiceMonitor: selects Services with a `metrics` port that cover all four services
     (sm,) = by_kind(docs, "ServiceMonitor").values()
     selected = [s for s in services.values() if selector_matches(sm["spec"]["selector"], s["metadata"]["labels"])]
-    assert {s["spec"]["selector"]["app.kubernetes.io/component"] for s in selected} == set(SERVICES)
+    assert {s["spec"]["selector"]["app.kubernetes.io/component"] for s in selected} == {*SERVICES, "relay"}
     for s in selected:
         assert any(p["name"] == sm["spec"]["endpoints"][0]["port"] and p["port"] == METRICS_PORT
                    for p in s["spec"]["ports"])
@@ -432,9 +433,9 @@ def test_k8s_network_policies(overlay: str):
                for p in pols), "no default-deny ingress policy"
     pods = {pod_labels(w)["app.kubernetes.io/component"]: pod_labels(w) for w in workloads(docs).values()}
     pods["stranger"] = {"app": "something-else"}  # any other pod in the namespace
-    assert _allowed_sources(pols, pods["redis"], 6379, pods) == set(SERVICES)
-    assert _allowed_sources(pols, pods["learner"], WEIGHTS_PORT, pods) == {"rollout", "teacher"}
-    for comp in SERVICES:  # metrics open to scrapers anywhere
+    assert _allowed_sources(pols, pods["redis"], 6379, pods) == {*SERVICES, "relay"}
+    assert _allowed_sources(pols, pods["learner"], WEIGHTS_PORT, pods) == {"rollout", "teacher", "relay"}
+    for comp in (*SERVICES, "relay"):  # metrics open to scrapers anywhere
         assert _allowed_sources(pols, pods[comp], METRICS_PORT, pods) is None
     assert _allowed_sources(pols, pods["redis"], METRICS_PORT, pods) == set()
 
@@ -464,7 +465,16 @@ def test_k8s_weight_relay_daemonset(overlay: str, tmp_path: Path):
     assert fields == {"RLRT__RELAY__ADVERTISE": "status.podIP", "RLRT__TRANSPORT__WEIGHTS_NODE": "spec.nodeName"}
     ref = next(e for e in c["env"] if e["name"] == "RLRT_WEIGHTS_TOKEN")["valueFrom"]["secretKeyRef"]
     assert cfg.transport.weights_token == secrets[ref["name"]][ref["key"]]  # the run's token, both hops
-    assert c["readinessProbe"]["tcpSocket"]["port"] == "weights"
+    # the admin app every service runs: probes on it, metrics scraped (annotations, ServiceMonitor)
+    assert cfg.metrics.http_host == "0.0.0.0" and cfg.metrics.http_port == ports["metrics"] == METRICS_PORT
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    ann = relay["spec"]["template"]["metadata"]["annotations"]
+    assert ann["prometheus.io/scrape"] == "true" and ann["prometheus.io/port"] == str(METRICS_PORT)
+    (svc,) = [s for s in by_kind(docs, "Service").values()
+              if s["spec"]["selector"].get("app.kubernetes.io/component") == "relay"]
+    assert svc["metadata"]["labels"]["rlrt.io/metrics"] == "true" and svc["spec"]["clusterIP"] == "None"
+    assert {p["name"]: p["port"] for p in svc["spec"]["ports"]} == {"metrics": METRICS_PORT}
     ws = rlrt_workloads(docs)
     for comp in ("rollout", "teacher"):
         wc = rlrt_container(ws[comp])
@@ -666,6 +676,10 @@ def test_compose_monitoring_wiring():
     (job,) = [j for j in prom["scrape_configs"] if j["job_name"] == "rlrt"]
     (sd,) = job["dns_sd_configs"]
     assert set(sd["names"]) == RLRT_COMPOSE_SERVICES and sd["type"] == "A" and sd["port"] == METRICS_PORT
+    (rjob,) = [j for j in prom["scrape_configs"] if j["job_name"] == "rlrt-relay"]  # the optional relay
+    (rsd,) = rjob["dns_sd_configs"]
+    assert rsd["names"] == ["relay"] and rsd["type"] == "A" and rsd["port"] == METRICS_PORT
+    assert "relay" in svcs and rjob.get("metrics_path", "/metrics") == "/metrics"
     assert job.get("metrics_path", "/metrics") == "/metrics"
     graf = mount_map(svcs["grafana"])
     prov = graf["/etc/grafana/provisioning"]
@@ -691,7 +705,10 @@ def test_compose_weight_relay_profile():
         config_src = mounts[relay["command"][relay["command"].index("--config") + 1]]
         cfg = load_config(ROOT / config_src, environ={k: str(v) for k, v in relay["environment"].items()})
         assert cfg.relay.host == "0.0.0.0" and cfg.relay.advertise == "relay" and cfg.relay.port == 50052
-        assert str(cfg.relay.port) in " ".join(relay["healthcheck"]["test"])
+        # health: the admin app's /healthz on the metrics port, like every service
+        assert relay["healthcheck"]["test"] == doc["services"]["rollout"]["healthcheck"]["test"]
+        assert "rlrt-healthcheck" in " ".join(relay["healthcheck"]["test"])
+        assert cfg.metrics.http_host == "0.0.0.0" and cfg.metrics.http_port == METRICS_PORT
         assert cfg.transport.weights_token == env["RLRT_WEIGHTS_TOKEN"]
         for name in ("rollout", "teacher"):
             senv = {k: str(v) for k, v in doc["services"][name]["environment"].items()}

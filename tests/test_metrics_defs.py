@@ -40,8 +40,8 @@ def test_naming_conventions(spec: M.MetricSpec):
     subsystem = spec.name.split("_")[1]
     if len(spec.services) == 1:
         assert subsystem == spec.services[0], f"{spec.name} belongs to {spec.services[0]}"
-    else:
-        assert spec.services == M.SERVICES
+    else:  # every service, or every pipeline stage (the relay reads no stream)
+        assert spec.services in (M.SERVICES, M.PIPE), spec.services
         assert subsystem not in M.SERVICES
     assert spec.help.strip() and not spec.help[0].islower() and spec.help.endswith(".")
     if spec.label is not None:
@@ -104,6 +104,11 @@ def test_required_metrics_present():
     for svc, names in need.items():
         have = {s.name for s in M.metric_specs(svc)}
         assert names | bus <= have, sorted((names | bus) - have)
+    relay = {s.name for s in M.metric_specs("relay")}
+    assert {"rlrt_relay_sent_bytes_total", "rlrt_relay_pulled_bytes_total", "rlrt_relay_weight_version",
+            "rlrt_relay_pulls_total", "rlrt_relay_upstream_failures_total", "rlrt_build_info"} <= relay
+    assert not relay & bus  # no stream to report on
+    assert not hasattr(M.service_metrics("relay", run="r", worker="w"), "observe_bus_stats")
     rewards = next(s for s in M.METRICS if s.name == "rlrt_verifier_rewards_total")
     assert rewards.label == "outcome" and set(rewards.label_values) == {"correct", "wrong", "unparseable", "timeout"}
 

@@ -115,3 +115,38 @@ def test_multi_node_needs_reachable_redis(tmp_path):
     cfg.transport.redis_url = None
     with pytest.raises(ValueError, match="several nodes"):
         RayRun(cfg)._redis_url(multi_node=True)
+
+
+def test_ray_relay_per_node_serves_the_workers_of_its_node(tmp_path):
+    """`ray.relay_per_node`: one relay actor pinned to the (single) node, registered under this
+    host's name; the workers switch to it and pull every version through it."""
+    import socket
+
+    import redis
+
+    from rlrt_core.weights.relay import live_relays
+
+    cfg = _cfg(tmp_path, steps=3)
+    cfg.ray.relay_per_node = True
+    cfg.ray.rollout_workers = 1
+    run = RayRun(cfg)
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        run.start()
+        assert set(run.actors) == {"learner-0", "teacher-0", "verifier-0", "rollout-0", "relay-0"}
+        rc = run.wait(timeout_s=400)
+        relays = live_relays(client, cfg.run_name)  # still up: stop() ends them
+    finally:
+        run.stop()
+        keys = list(client.scan_iter(match=f"rlrt:{cfg.run_name}:*"))
+        if keys:
+            client.delete(*keys)
+        client.close()
+    logs = run.run_dir / "logs"
+    assert rc == 0, (logs / "learner-0.log").read_text()[-3000:]
+    effective = load_config(run.run_dir / "config.yaml", use_env=False)
+    assert effective.transport.weights_relay == "auto" and effective.relay.port == 0
+    [rel] = relays
+    assert rel.relay_id == "relay-0" and rel.node == socket.gethostname() and rel.address.startswith("127.0.0.1:")
+    assert rel.versions and rel.pulled_bytes > 0
+    assert rel.bytes_sent > rel.pulled_bytes  # rollout and teacher both pulled through it: more out than in

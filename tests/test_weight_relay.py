@@ -178,12 +178,15 @@ def test_relay_that_stops_serving_mid_run_is_passed_over(rrun) -> None:
             relay.close()
 
 
-def _relay_process(tmp_path: Path, run: str, **relay) -> subprocess.Popen:
-    cfg = {"run_name": run, "transport": {"redis_url": REDIS_URL_TEST, "weights_token": TOKEN, "weights_node": "n0"},
-           "metrics": {"run_dir": str(tmp_path / "run")},
+def _relay_process(tmp_path: Path, run: str, *, redis_url: str = REDIS_URL_TEST, metrics: dict | None = None,
+                   **relay) -> subprocess.Popen:
+    cfg = {"run_name": run, "transport": {"redis_url": redis_url, "weights_token": TOKEN, "weights_node": "n0"},
+           "metrics": {"run_dir": str(tmp_path / "run"), **(metrics or {})},
            "relay": {"host": "127.0.0.1", "port": 0, "ttl_s": 2.0, "heartbeat_s": 0.5, "poll_s": 0.05, **relay}}
     path = tmp_path / "relay.yaml"
     path.write_text(yaml.safe_dump(cfg))
+    (tmp_path / "run").mkdir(exist_ok=True)
+    (tmp_path / "run" / "config.yaml").write_text(path.read_text())  # what `rlrt status` reads
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen([sys.executable, "-m", "services.relay", "--config", str(path), "--worker", "relay-p"],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -370,3 +373,160 @@ def test_relay_service_refuses_a_config_it_cannot_run(caplog) -> None:
         caplog.clear()
         assert relay_main(RunConfig(transport={"weights_token": TOKEN}), "relay-t") == 2  # no Redis
         assert "no Redis URL" in caplog.text
+
+
+# -- the relay's admin app: health, readiness, metrics, `rlrt status` ----------------------
+
+
+def _admin(tmp_path: Path, proc: subprocess.Popen) -> str:
+    """Base URL of the relay process's admin app, from the registration it announces."""
+    from services.launcher import service_endpoints
+
+    deadline = time.monotonic() + 60
+    while True:
+        eps = [e for e in service_endpoints(tmp_path / "run") if e["worker"] == "relay-p"]
+        if eps:
+            return f"http://{eps[0]['host']}:{eps[0]['admin_port']}"
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "the relay never announced its admin port"
+        time.sleep(0.1)
+
+
+def _scrape(base: str) -> dict[tuple[str, str], float]:
+    """{(sample name, kind label or ""): value} of the relay's rlrt_relay_* samples."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for fam in text_string_to_metric_families(httpx.get(f"{base}/metrics", timeout=5).text):
+        for smp in fam.samples:
+            if smp.name.startswith("rlrt_relay_") and not smp.name.endswith("_created"):
+                assert smp.labels["service"] == "relay" and smp.labels["worker"] == "relay-p"
+                out[(smp.name, smp.labels.get("kind", ""))] = smp.value
+    return out
+
+
+def _until(check, what: str, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got:
+            return got
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_relay_admin_app_metrics_readiness_and_status(rrun, tmp_path: Path) -> None:
+    import httpx
+    from rich.console import Console
+
+    from services.progress import collect_status, render_status
+
+    client, run = rrun
+    with WeightServer(token=TOKEN, keep_versions=2) as learner:
+        proc = _relay_process(tmp_path, run, max_behind_s=1.0)
+        try:
+            base = _admin(tmp_path, proc)
+            r = _until(lambda: (x := httpx.get(f"{base}/readyz", timeout=5)).status_code == 503
+                       and "relay" in str(x.json()["services"]) and x, "no /readyz answer")
+            assert "holds no weight version yet (no version announced yet" in r.json()["reason"]
+            assert httpx.get(f"{base}/healthz", timeout=5).status_code == 200
+            m = _scrape(base)
+            assert m[("rlrt_relay_weight_version", "")] == -1 and m[("rlrt_relay_announced_version", "")] == -1
+
+            publish(learner, client, run, 1)
+            _until(lambda: httpx.get(f"{base}/readyz", timeout=5).status_code == 200, "never ready on version 1")
+            assert httpx.get(f"{base}/readyz", timeout=5).json()["reason"] == "serving version 1"
+            syncs = [sync_for(run, client, f"w{i}", weights_relay_wait_s=30.0) for i in range(2)]
+            for s, _ in syncs:
+                assert s.sync() == 1
+            m = _until(lambda: (x := _scrape(base))[("rlrt_relay_client_streams_total", "full")] == 2 and x,
+                       "the relay's metrics never counted two full streams")
+            received = sum(value(wm.weight_received_bytes) for _, wm in syncs)
+            assert m[("rlrt_relay_sent_bytes_total", "")] == received > 0  # its egress, byte for byte
+            assert m[("rlrt_relay_pulled_bytes_total", "")] == learner.bytes_sent  # one copy from the learner
+            assert m[("rlrt_relay_pulls_total", "full")] == 1 and m[("rlrt_relay_pulls_total", "delta")] == 0
+            assert m[("rlrt_relay_weight_version", "")] == 1 == m[("rlrt_relay_announced_version", "")]
+            assert m[("rlrt_relay_held_versions", "")] == 1 and m[("rlrt_relay_pull_seconds_count", "")] == 1
+            assert m[("rlrt_relay_upstream_failures_total", "")] == 0
+
+            publish(learner, client, run, 2)
+            for s, _ in syncs:
+                assert s.sync() == 2
+            m = _until(lambda: (x := _scrape(base))[("rlrt_relay_client_streams_total", "delta")] == 2 and x,
+                       "the relay's metrics never counted two delta streams")
+            assert m[("rlrt_relay_pulls_total", "delta")] == 1 and m[("rlrt_relay_weight_version", "")] == 2
+            assert m[("rlrt_relay_held_versions", "")] == 2
+            assert m[("rlrt_relay_sent_bytes_total", "")] == sum(value(wm.weight_received_bytes) for _, wm in syncs)
+            st = httpx.get(f"{base}/status", timeout=5).json()
+            assert st["service"] == "relay" and st["version"] == 2 and st["versions"] == [1, 2]
+            assert st["counters"]["bytes_sent"] == m[("rlrt_relay_sent_bytes_total", "")]
+
+            # `rlrt status`: the live relay from the registry, with what it holds and sent
+            sent = m[("rlrt_relay_sent_bytes_total", "")]
+            # the record is rewritten every relay.heartbeat_s (0.5 s): wait for the one after the pulls
+            snap = _until(lambda: (x := collect_status(tmp_path / "run"))["relays"]
+                          and x["relays"][0]["bytes_sent"] == sent and x, "the registry never showed the bytes sent")
+            [rel] = snap["relays"]
+            assert rel["relay_id"] == "relay-p" and rel["node"] == "n0" and rel["versions"] == [1, 2]
+            assert any(sv["worker"] == "relay-p" and sv["alive"] for sv in snap["services"])
+            con = Console(record=True, width=200)
+            con.print(render_status(snap))
+            text = con.export_text()
+            assert "weight relays (live)" in text and rel["address"] in text and "1,2" in text
+
+            # the upstream goes away with a new version announced: unready past max_behind_s, still alive
+            learner.stop(grace_s=0)
+            announce_version(client, run, 3, address=learner.address, checksum="0" * 64)
+            r = _until(lambda: (x := httpx.get(f"{base}/readyz", timeout=5)).status_code == 503 and x,
+                       "a relay that cannot reach its upstream stayed ready")
+            assert "holds version 2, version 3 announced" in r.json()["reason"]
+            assert httpx.get(f"{base}/healthz", timeout=5).status_code == 200
+            m = _scrape(base)
+            assert m[("rlrt_relay_upstream_failures_total", "")] >= 1
+            assert m[("rlrt_relay_announced_version", "")] == 3 and m[("rlrt_relay_weight_version", "")] == 2
+            for s, _ in syncs:
+                s.close()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+            assert live_relays(client, run) == [] and collect_status(tmp_path / "run")["relays"] == []
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
+
+@pytest.mark.slow
+def test_relay_unhealthy_when_its_registry_writes_keep_failing(tmp_path: Path) -> None:
+    import httpx
+
+    from rlrt_core.transport.embedded import EmbeddedRedis
+
+    private = EmbeddedRedis(tmp_path / "redis", port=0, appendonly=False)
+    url = private.start()
+    client = redis.Redis.from_url(url)
+    run = "relay-redis-down"
+    proc = None
+    try:
+        with WeightServer(token=TOKEN, keep_versions=2) as learner:
+            publish(learner, client, run, 1)
+            proc = _relay_process(tmp_path, run, redis_url=url, metrics={"stall_timeout_s": 1.5},
+                                  ttl_s=1.0, heartbeat_s=0.3)
+            base = _admin(tmp_path, proc)
+            _until(lambda: httpx.get(f"{base}/readyz", timeout=5).status_code == 200, "never ready")
+            assert httpx.get(f"{base}/healthz", timeout=5).status_code == 200
+            private.stop()
+            h = _until(lambda: (x := httpx.get(f"{base}/healthz", timeout=5)).status_code == 503 and x,
+                       "a relay that cannot write its registry record stayed healthy")
+            assert h.json()["waiting_for"] == "redis (relay registry)"
+            r = httpx.get(f"{base}/readyz", timeout=5)
+            assert r.status_code == 503 and "registry record is gone" in r.json()["reason"]
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0  # stops cleanly without Redis
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        client.close()
+        private.stop()

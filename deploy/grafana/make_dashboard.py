@@ -153,7 +153,17 @@ def build() -> dict[str, Any]:
     b.row("Staleness")
     b.ts("Weight versions", [q(f"max(rlrt_learner_weight_version{{{R}}})", "learner"),
                              q(f"min(rlrt_rollout_weight_version{{{R}}})", "oldest rollout worker"),
-                             q(f"min(rlrt_teacher_weight_version{{{R}}})", "oldest teacher")])
+                             q(f"min(rlrt_teacher_weight_version{{{R}}})", "oldest teacher"),
+                             q(f"min(rlrt_relay_weight_version{{{R}}})", "oldest weight relay")])
+    relayed = f"sum(rate(rlrt_relay_sent_bytes_total{{{R}}}[5m]))"
+    b.ts("Weight egress", [
+        q(f"sum(rate(rlrt_relay_pulled_bytes_total{{{R}}}[5m]))", "learner → relays"),
+        q(f"sum(rate(rlrt_rollout_weight_received_bytes_total{{{R}}}[5m])) + "
+          f"sum(rate(rlrt_teacher_weight_received_bytes_total{{{R}}}[5m])) - ({relayed} or vector(0))",
+          "learner → workers (direct)"),
+        q(relayed, "relays → workers")], unit="Bps", min0=True,
+        desc="Weight payload bytes/s. With relays (transport.weights_relay: auto) the learner sends one copy per "
+             "version per relay and the relays fan it out; the first two lines together are the learner's egress.")
     b.ts("Trained-group staleness", [
         q(f"sum(rate(rlrt_learner_group_staleness_versions_sum{{{R}}}[5m])) / "
           f"sum(rate(rlrt_learner_group_staleness_versions_count{{{R}}}[5m]))", "mean"),

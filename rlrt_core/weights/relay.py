@@ -213,6 +213,14 @@ class WeightRelay:
     token and TLS CA). upstream: a fixed upstream address (another relay, or a pinned
     learner address); None = the address in the learner's announcement. The learner's
     announced address is also the fallback when a fixed upstream fails.
+
+    What a service reads to report on it (the admin app, metrics): `announced` (the newest
+    announced version seen, None before one), `behind_since` (monotonic time since which the
+    relay has lagged the announcement, None when it holds it), `beat_failures` (consecutive
+    failed registry writes) and `last_beat_ok` (monotonic time of the last good one),
+    `upstream_failures` (pulls from one upstream that failed or found it behind) and
+    `last_error`. `on_pulled(kind, nbytes, seconds)` and `on_upstream_failure(target, err)`
+    are called as those happen.
     """
 
     def __init__(self, server: WeightServer, redis: Any, run: str, *, make_client: Callable[[str], WeightClient],
@@ -230,6 +238,19 @@ class WeightRelay:
         self._clients: dict[str, WeightClient] = {}
         self._pulling = -1
         self._failed = -1  # the last version whose pull failed
+        self.announced: int | None = None
+        self.behind_since: float | None = None
+        self.beat_failures = 0
+        self.last_beat_ok: float | None = None
+        self.upstream_failures = 0
+        self.last_error = ""
+        self.on_pulled: Callable[[str, int, float], None] = lambda _kind, _nbytes, _seconds: None
+        self.on_upstream_failure: Callable[[str, Exception], None] = lambda _target, _err: None
+
+    @property
+    def pulling(self) -> int:
+        """The version being pulled from upstream right now (-1: none)."""
+        return self._pulling
 
     def _client(self, target: str) -> WeightClient:
         c = self._clients.get(target)
@@ -242,15 +263,25 @@ class WeightRelay:
                            self.server.bytes_sent, self.pulled_bytes, self._pulling)
 
     def heartbeat(self) -> None:
-        register_relay(self.redis, self.run_name, self.record(), ttl_s=self.ttl_s, prefix=self.prefix)
+        try:
+            register_relay(self.redis, self.run_name, self.record(), ttl_s=self.ttl_s, prefix=self.prefix)
+        except Exception:
+            self.beat_failures += 1
+            raise
+        self.beat_failures, self.last_beat_ok = 0, time.monotonic()
 
     def sync_once(self) -> int | None:
         """Pull the announced version if it is newer than the latest served; returns the
         version now served (None before the first)."""
         a = read_announcement(self.redis, self.run_name, prefix=self.prefix)
         latest = self.server.latest_version
+        if a is not None:
+            self.announced = a.version if self.announced is None else max(self.announced, a.version)
         if a is None or (latest is not None and a.version <= latest):
+            self.behind_since = None
             return latest
+        if self.behind_since is None:
+            self.behind_since = time.monotonic()
         targets = [t for t in (self.upstream, a.address) if t]
         if not targets:
             raise WeightServiceError(f"version {a.version} was announced without an address and relay.upstream "
@@ -282,6 +313,7 @@ class WeightRelay:
         for target in dict.fromkeys(targets):
             # The held copy is consumed by a delta pull: a failure leaves nothing trusted behind.
             held, self.held = self.held, None
+            t0 = time.perf_counter()
             try:
                 pulled = self._client(target).pull(version, held=held)
             except WeightServiceError as err:
@@ -289,20 +321,31 @@ class WeightRelay:
                     self.held = held
                 log.warning("relay %s: pulling version %d from %s failed: %s", self.relay_id, version, target, err)
                 last = err
+                self._upstream_failed(target, err)
                 continue
             if pulled.version < version:  # an upstream relay that is behind: try the next one
                 self.held = pulled.held
                 last = WeightServiceError(f"{target} served version {pulled.version}, not {version}")
+                self._upstream_failed(target, last)
                 continue
             self._serve(pulled.held)
             self.pulled_bytes += pulled.bytes_received
             self.pulls[pulled.kind] += 1
+            if self.announced is None or pulled.version >= self.announced:
+                self.behind_since = None
+            self.last_error = ""
+            self.on_pulled(pulled.kind, pulled.bytes_received, time.perf_counter() - t0)
             log.info("relay %s: serving version %d (%s pull from %s, %d bytes)", self.relay_id, pulled.version,
                      pulled.kind, target, pulled.bytes_received)
             self.heartbeat()  # workers waiting on the registry see the version now
             return pulled.version
         assert last is not None
         raise last
+
+    def _upstream_failed(self, target: str, err: Exception) -> None:
+        self.upstream_failures += 1
+        self.last_error = f"{target}: {err}"
+        self.on_upstream_failure(target, err)
 
     def _serve(self, held: HeldVersion) -> None:
         # The server copies the held bytes into its own version buffer (no cast: the
@@ -314,9 +357,11 @@ class WeightRelay:
                                f"{served[:16]}…, upstream {held.checksum[:16]}…")
         self.held = held
 
-    def run(self, stop: threading.Event, on_error: Callable[[BaseException], None] | None = None) -> None:
+    def run(self, stop: threading.Event, on_error: Callable[[BaseException], None] | None = None,
+            on_round: Callable[[], None] | None = None) -> None:
         """Follow announcements until `stop` is set. Heartbeats run on their own thread, so
-        the record stays alive during a pull that outlasts the TTL."""
+        the record stays alive during a pull that outlasts the TTL. `on_round()` is called
+        after each round of the loop (a service's liveness beat, its metrics)."""
         def beat() -> None:
             while not stop.is_set():
                 try:
@@ -332,12 +377,19 @@ class WeightRelay:
             while not stop.is_set():
                 try:
                     self.sync_once()
+                    self.last_error = ""
                     backoff = self.poll_s
                 except Exception as err:  # upstream or Redis away: keep serving what we hold, retry
+                    self.last_error = str(err)
                     if on_error is not None:
                         on_error(err)
                     log.warning("relay %s: %s (retrying in %.1fs)", self.relay_id, err, backoff)
                     backoff = min(max(backoff * 2, 0.5), 10.0)
+                if on_round is not None:
+                    try:
+                        on_round()
+                    except Exception:  # reporting must not stop the relay
+                        log.warning("relay %s: on_round failed", self.relay_id, exc_info=True)
                 stop.wait(backoff)
         finally:
             stop.set()

@@ -25,6 +25,7 @@ from typing import Any, Callable
 from prometheus_client import CollectorRegistry
 
 from rlrt_core.config import RunConfig
+from rlrt_core.stages import SERVICES as STAGE_SERVICES
 from rlrt_core.stages import stage
 from services.common.admin import AdminServer, ServiceState
 
@@ -108,7 +109,8 @@ class ServiceRuntime:
                                   heartbeat_timeout_s=max(300.0, cfg.metrics.stall_timeout_s))
         self.state.services = self.services
         self.admin = AdminServer(self.state, host=cfg.metrics.http_host, port=cfg.metrics.http_port)
-        self.stage = stage(service)
+        # The relay runs no stage: it has no input stream, backlog or queue gauges.
+        self.stage = stage(service) if service in STAGE_SERVICES else None
         self._bus = None
         self._registration: Path | None = None
         self._admin_port: int | None = None
@@ -124,8 +126,9 @@ class ServiceRuntime:
 
             bus = StreamBus.from_config(self.cfg.transport, self.run)
             m = self.metrics
-            bus.on_claim = lambda stream, n: m.claimed.labels(stream=stream).inc(n)
-            bus.on_dead_letter = lambda _stream, kind: m.dead_lettered.labels(reason=kind).inc()
+            if self.stage is not None:
+                bus.on_claim = lambda stream, n: m.claimed.labels(stream=stream).inc(n)
+                bus.on_dead_letter = lambda _stream, kind: m.dead_lettered.labels(reason=kind).inc()
             self._bus = bus
         return self._bus
 
@@ -186,6 +189,9 @@ class ServiceRuntime:
 
     def refresh(self) -> None:
         """One round of the background refresher: queue gauges, own backlog, heartbeat."""
+        if self.stage is None:
+            self._heartbeat()
+            return
         stats = self.bus.stats()
         self.metrics.observe_bus_stats(stats)
         g = (stats.get(self.stage.input) or {}).get("groups", {}).get(self.stage.group)

@@ -2,11 +2,12 @@
 
 Builds (or reuses) the CPU image `rlrt:cpu` and starts docker-compose.yml — Redis with a
 password and an append-only file, learner, two rollout replicas (`--scale rollout=2`),
-verifier, teacher on the tiny recipe, Prometheus — with `docker compose up --wait`, plus
+verifier, teacher on the tiny recipe, the weight relay (profile `relay`; the workers pull
+through it), Prometheus — with `docker compose up --wait`, plus
 tests/deploy/compose.test.yml (tiny recipe, ephemeral loopback ports, 5 s health checks).
 Then, over HTTP from the host: every rlrt container healthy, /healthz and /readyz answer
-200, the run trains its steps, both rollout replicas generated groups and Prometheus
-scraped every replica; a rollout container killed mid-run (SIGKILL of its init process,
+200, the run trains its steps, both rollout replicas generated groups, Prometheus
+scraped every replica and the relay (its own job), whose egress it recorded; a rollout container killed mid-run (SIGKILL of its init process,
 as the OOM killer or a crash would) is restarted by its restart policy and nothing is lost
 (every dispatched group trained, dropped as stale, or still in the pipeline; nothing
 dead-lettered, nothing trained twice); `docker compose down` leaves no container, network
@@ -171,20 +172,24 @@ def test_compose_stack_trains_scales_survives_a_killed_worker_and_cleans_up(engi
     password = secrets.token_hex(12)
     env = dict(engine, **images, REDIS_PASSWORD=password, RLRT_WEIGHTS_TOKEN=secrets.token_hex(12),
                GRAFANA_ADMIN_PASSWORD=secrets.token_hex(8), RLRT_CONFIG="./configs/tiny.yaml",
-               RLRT_RUN_NAME=project, RLRT_TEST_STEPS=str(STEPS))
+               RLRT_RUN_NAME=project, RLRT_TEST_STEPS=str(STEPS),
+               # every compose call (up, ps, down) sees the optional relay; the workers use it
+               COMPOSE_PROFILES="relay", RLRT_WEIGHTS_RELAY="auto")
     stack = Stack(env, project)
     t0 = time.time()
     try:
         stack.compose("up", "-d", "--wait", "--no-build", "--pull", "never", "--scale", "rollout=2",
-                      "redis", *RLRT_SERVICES, "prometheus", timeout=900)
+                      "redis", *RLRT_SERVICES, "relay", "prometheus", timeout=900)
         t_up = time.time() - t0
         by_service: dict[str, list[dict[str, Any]]] = {}
         for c in stack.containers():
             by_service.setdefault(c["Service"], []).append(c)
         assert sorted((s, len(cs)) for s, cs in by_service.items()) == sorted(
-            [("redis", 1), ("learner", 1), ("rollout", 2), ("verifier", 1), ("teacher", 1), ("prometheus", 1)])
+            [("redis", 1), ("learner", 1), ("rollout", 2), ("verifier", 1), ("teacher", 1), ("relay", 1),
+             ("prometheus", 1)])
         rlrt = {c["Name"]: c["Service"] for s in RLRT_SERVICES for c in by_service[s]}
-        for name, service in rlrt.items():
+        relay = by_service["relay"][0]["Name"]
+        for name, service in [*rlrt.items(), (relay, "relay")]:
             # `up --wait` saw each healthy; a check can still time out once on a loaded host
             deadline = time.time() + 180
             while stack.inspect(name)["State"]["Health"]["Status"] != "healthy" and time.time() < deadline:
@@ -244,6 +249,13 @@ def test_compose_stack_trains_scales_survives_a_killed_worker_and_cleans_up(engi
             time.sleep(3)
         assert sorted(r["metric"]["compose_service"] for r in scraped) == sorted(rlrt.values()), scraped
         assert all(float(r["value"][1]) == 1 for r in scraped), scraped
+        # the relay: scraped by its own job, its egress recorded (the workers pulled through it)
+        up = _prom(prom, 'max by (compose_service) (max_over_time(up{job="rlrt-relay"}[30m]))')
+        assert [(r["metric"]["compose_service"], float(r["value"][1])) for r in up] == [("relay", 1.0)], up
+        sent = _prom(prom, f'max(max_over_time(rlrt_relay_sent_bytes_total{{run="{project}"}}[30m]))')
+        assert sent and float(sent[0]["value"][1]) > 0, sent
+        relay_status = _get(f"{stack.url(relay)}/status").json()
+        assert relay_status["counters"]["pulls_full"] + relay_status["counters"]["pulls_delta"] >= 1, relay_status
         # the worker label is rollout-<host name>-<pid>: a restarted container keeps its host
         # name (its container id) and gets a new pid, so group by the host name
         work = _prom(prom, 'max by (host) (label_replace(max_over_time(rlrt_rollout_groups_total'

@@ -1,7 +1,8 @@
 """Every query of the Grafana dashboard answers from a live run, through a real Prometheus.
 
 A tiny run (tests/test_e2e.py's set-up: the four services as real processes over the real
-Redis, services.launcher.LocalRun) is scraped every second by Debian's `prometheus`, whose
+Redis, services.launcher.LocalRun, plus one weight relay the workers pull through, so the
+relay panels have series) is scraped every second by Debian's `prometheus`, whose
 static targets come from the run's own service registrations (services/*.json). Once the
 learner has trained a few steps, every PromQL expression of deploy/grafana/dashboards/rlrt.json
 is sent to /api/v1/query with `$run` set to the run: each must return at least one series,
@@ -35,7 +36,7 @@ from services.launcher import LocalRun, read_metrics, service_endpoints
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "rlrt.json"
 REDIS_URL = os.environ.get("REDIS_URL_TEST", "redis://127.0.0.1:6379/0")
-SERVICES = {"learner", "rollout", "verifier", "teacher"}
+SERVICES = {"learner", "rollout", "verifier", "teacher", "relay"}
 
 pytestmark = [
     pytest.mark.slow,
@@ -106,7 +107,7 @@ def test_every_dashboard_query_answers_from_a_live_run(tmp_path: Path):
         # more steps than the test waits for: the learner must still be up (and scraped) when
         # the queries run, or its gauges would be marked stale
         "transport": {"redis_url": REDIS_URL, "weights_port": 0},
-        "learner": {"total_steps": 200, "checkpoint_every": 2}})
+        "learner": {"total_steps": 200, "checkpoint_every": 2}, "launcher": {"relays": 1}})
     queries = list(dashboard_queries())
     assert len(queries) > 40
     answered: dict[tuple[str, str], int] = {}
