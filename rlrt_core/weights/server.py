@@ -355,6 +355,26 @@ class WeightServer:
                    tls_cert=transport.tls_cert, tls_key=transport.tls_key,
                    delta_encoding=transport.weights_delta_encoding)
 
+    @classmethod
+    def start_from_config(cls, transport: Any, *, field: str, host: str | None = None, port: int | None = None,
+                          attempts: int = 20, delay_s: float = 0.5) -> "WeightServer":
+        """Build (see `from_config`) and start. Port 0 lets the kernel pick a free port; a fixed
+        port held by another process (a restarted server's old socket) is retried for a while,
+        then reported naming `field`, the config key that set it."""
+        want = transport.weights_port if port is None else port
+        last: Exception | None = None
+        for _ in range(attempts if want else 1):
+            server = cls.from_config(transport, host=host, port=port)
+            try:
+                server.start()
+                return server
+            except RuntimeError as err:
+                last = err
+                time.sleep(delay_s)
+        where = transport.weights_host if host is None else host
+        raise RuntimeError(f"{field} {want} on {where} stays in use ({last}); free it or set {field}: 0 "
+                           "to let the server pick a free port")
+
     # -- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> int:

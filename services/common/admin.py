@@ -44,8 +44,8 @@ class ServiceState:
     started_at: float = field(default_factory=time.time)
     last_heartbeat: float = field(default_factory=time.time)
     heartbeat_timeout_s: float = 300.0
-    ready: bool = False
-    ready_reason: str = "starting"
+    # (ready, reason) in one attribute: a reader never pairs a new flag with an old reason.
+    readiness: tuple[bool, str] = (False, "starting")
     status: Callable[[], dict[str, Any]] = field(default=lambda: {})
     # name -> (pydantic body model or None, handler(body) -> dict)
     actions: dict[str, tuple[type[BaseModel] | None, Callable[[Any], dict[str, Any]]]] = field(default_factory=dict)
@@ -61,6 +61,14 @@ class ServiceState:
     routers: list[Any] = field(default_factory=list)
 
     loop_started: bool = False  # liveness counts silence only once the main loop runs
+
+    @property
+    def ready(self) -> bool:
+        return self.readiness[0]
+
+    @property
+    def ready_reason(self) -> str:
+        return self.readiness[1]
 
     def beat(self) -> None:
         self.last_heartbeat = time.time()
@@ -173,8 +181,9 @@ def make_admin_app(state: ServiceState) -> FastAPI:
 
     @app.get("/readyz")
     def readyz() -> JSONResponse:
-        body = {"ready": state.ready, "reason": state.ready_reason, "services": _services()}
-        return JSONResponse(status_code=200 if state.ready else 503, content=body)
+        ready, reason = state.readiness
+        body = {"ready": ready, "reason": reason, "services": _services()}
+        return JSONResponse(status_code=200 if ready else 503, content=body)
 
     @app.get("/status")
     def status() -> JSONResponse:

@@ -230,8 +230,7 @@ class ServiceRuntime:
             log.warning("could not write service registration in %s: %s", d, err)
 
     def set_ready(self, ready: bool, reason: str = "") -> None:
-        self.state.ready = ready
-        self.state.ready_reason = reason or ("ready" if ready else "not ready")
+        self.state.readiness = (ready, reason or ("ready" if ready else "not ready"))
 
     def loop(self, step: Callable[[], bool], *, idle_sleep_s: float = 0.05,
              on_error: Callable[[BaseException], None] | None = None) -> None:

@@ -16,7 +16,6 @@ import logging
 import os
 import random
 import socket
-import time
 
 import torch
 from pydantic import BaseModel, Field
@@ -54,21 +53,11 @@ def advertised_host(cfg: RunConfig) -> str:
 
 def start_weight_server(cfg: RunConfig, *, attempts: int = 20, delay_s: float = 0.5):
     """Start the WeightServer on the configured port (0 = a free one chosen by the kernel);
-    a fixed port held by another process is retried for a while (a restarted learner's old
-    socket), then reported with a clear error."""
+    a fixed port held by another process is retried for a while, then reported naming the field."""
     from rlrt_core.weights.server import WeightServer
 
-    last: Exception | None = None
-    for _ in range(attempts if cfg.transport.weights_port else 1):
-        server = WeightServer.from_config(cfg.transport)
-        try:
-            server.start()
-            return server
-        except RuntimeError as err:
-            last = err
-            time.sleep(delay_s)
-    raise RuntimeError(f"transport.weights_port {cfg.transport.weights_port} on {cfg.transport.weights_host} "
-                       f"stays in use ({last}); free it or set weights_port: 0 to let the learner pick one")
+    return WeightServer.start_from_config(cfg.transport, field="transport.weights_port", attempts=attempts,
+                                          delay_s=delay_s)
 
 
 def run(cfg: RunConfig, worker: str) -> int:

@@ -36,21 +36,11 @@ def _advertised(cfg: RunConfig, port: int) -> str:
     return f"{host}:{port}"
 
 
-def start_relay_server(cfg: RunConfig, *, attempts: int = 20, delay_s: float = 0.5):
+def start_relay_server(cfg: RunConfig):
     """A started WeightServer on relay.host:relay.port with the run's token and TLS."""
     from rlrt_core.weights.server import WeightServer
 
-    last: Exception | None = None
-    for _ in range(attempts if cfg.relay.port else 1):
-        server = WeightServer.from_config(cfg.transport, host=cfg.relay.host, port=cfg.relay.port)
-        try:
-            server.start()
-            return server
-        except RuntimeError as err:
-            last = err
-            time.sleep(delay_s)
-    raise RuntimeError(f"relay.port {cfg.relay.port} on {cfg.relay.host} stays in use ({last}); free it or set "
-                       "relay.port: 0 to let the relay pick one")
+    return WeightServer.start_from_config(cfg.transport, field="relay.port", host=cfg.relay.host, port=cfg.relay.port)
 
 
 class RelayReport:
