@@ -37,9 +37,9 @@ def commands(run_dir: Path, ckpt: Path, out: Path) -> dict[str, tuple[list[str],
         "markers": (["markers", "--model", BASE, "--num-problems", "48", "--samples", "8", "--min-count", "10",
                      "--max-new-tokens", "32", "--out", str(out / "markers")],
                     "48 problems x 8 samples (<= 32 new tokens), 1 right + 1 wrong kept per problem, min count 10"),
-        "reflection": (["reflection", "--checkpoints", str(run_dir), "--num-problems", "16", "--max-rollouts", "16",
+        "reflection": (["reflection", "--checkpoints", str(run_dir), "--num-problems", "40", "--max-rollouts", "24",
                         "--max-new-tokens", "32", "--out", str(out / "reflection")],
-                       "base + each checkpoint: 16 problems x 8 samples, <= 16 rollouts per subset x 3 sites, "
+                       "base + each checkpoint: 40 problems x 8 samples, <= 24 rollouts per subset x 3 sites, "
                        "<= 32 new tokens"),
         "shift": (["shift", "--base", BASE, "--ft", str(ckpt), "--num-problems", "24", "--hard-prompts", "12",
                    "--ft-rollouts", "2", "--max-new-tokens", "32", "--out", str(out / "shift")],
