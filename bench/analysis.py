@@ -9,6 +9,10 @@ wall-clock and CPU seconds (the CLI and its verifier workers) and the headline n
                                        [--docs docs/figures] [--only heatmap,shift]
 
 With --docs, the heat-map, the Fig. 3, Fig. 6 and Fig. 7 panels are copied there (the figures in docs/analysis.md).
+On a shared box run it as `nice -n 5 env OMP_NUM_THREADS=1 .venv/bin/python bench/analysis.py ...`:
+torch's default two threads per process contend with the other jobs. At the sizes below,
+markers, reflection and shift each took 3-9 min wall on the shared 2-core dev box, the
+heat-map 1-4 min (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
