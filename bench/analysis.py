@@ -8,7 +8,11 @@ wall-clock and CPU seconds (the CLI and its verifier workers) and the headline n
     .venv/bin/python bench/analysis.py --run-dir /tmp/h15-demo [--out /tmp/analysis-bench]
                                        [--docs docs/figures] [--only heatmap,shift]
 
-With --docs, the heat-map and the Fig. 7 panel are copied there (the figures in docs/analysis.md).
+With --docs, the heat-map, the Fig. 3, Fig. 6 and Fig. 7 panels are copied there (the figures in docs/analysis.md).
+On a shared box run it as `nice -n 5 env OMP_NUM_THREADS=1 .venv/bin/python bench/analysis.py ...`:
+torch's default two threads per process contend with the other jobs. At the sizes below,
+markers, reflection and shift each took 3-9 min wall on the shared 2-core dev box, the
+heat-map 1-4 min (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -34,12 +38,12 @@ def commands(run_dir: Path, ckpt: Path, out: Path) -> dict[str, tuple[list[str],
         "heatmap": (["heatmap", "--model", str(ckpt), "--num-problems", "4", "--samples", "8", "--rollouts", "4",
                      "--critical", "3", "--out", str(out / "heatmap")],
                     "4 problems x 8 samples, 4 rollouts scored in full (V = 49152)"),
-        "markers": (["markers", "--model", BASE, "--num-problems", "20", "--samples", "8", "--min-count", "10",
-                     "--out", str(out / "markers")],
-                    "20 problems x 8 samples, 1 right + 1 wrong kept per problem, min count 10"),
-        "reflection": (["reflection", "--checkpoints", str(run_dir), "--num-problems", "12", "--max-rollouts", "8",
+        "markers": (["markers", "--model", BASE, "--num-problems", "48", "--samples", "8", "--min-count", "10",
+                     "--max-new-tokens", "32", "--out", str(out / "markers")],
+                    "48 problems x 8 samples (<= 32 new tokens), 1 right + 1 wrong kept per problem, min count 10"),
+        "reflection": (["reflection", "--checkpoints", str(run_dir), "--num-problems", "40", "--max-rollouts", "24",
                         "--max-new-tokens", "32", "--out", str(out / "reflection")],
-                       "base + each checkpoint: 12 problems x 8 samples, <= 8 rollouts per subset x 3 sites, "
+                       "base + each checkpoint: 40 problems x 8 samples, <= 24 rollouts per subset x 3 sites, "
                        "<= 32 new tokens"),
         "shift": (["shift", "--base", BASE, "--ft", str(ckpt), "--num-problems", "24", "--hard-prompts", "12",
                    "--ft-rollouts", "2", "--max-new-tokens", "32", "--out", str(out / "shift")],
@@ -78,7 +82,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run-dir", type=Path, required=True, help="a trained run directory with checkpoints/")
     ap.add_argument("--out", type=Path, default=Path("/tmp/analysis-bench"))
-    ap.add_argument("--docs", type=Path, default=None, help="copy the heat-map and the shift figure here")
+    ap.add_argument("--docs", type=Path, default=None, help="copy the figures of docs/analysis.md here")
     ap.add_argument("--only", default="", help="comma-separated sub-commands (default: all)")
     args = ap.parse_args()
     ckpts = sorted((args.run_dir / "checkpoints").glob("step_*"))
@@ -114,6 +118,8 @@ def main() -> None:
     if args.docs:
         args.docs.mkdir(parents=True, exist_ok=True)
         for name, fig, dest in (("heatmap", "heatmap.png", "analysis-heatmap.png"),
+                                ("markers", "markers.png", "analysis-markers.png"),
+                                ("reflection", "reflection.png", "analysis-reflection.png"),
                                 ("shift", "shift.png", "analysis-shift.png")):
             src = args.out / name / fig
             if src.is_file():
