@@ -33,7 +33,11 @@
   resume, so no step runs with new weights under the old label or vice versa.
 * The prefix cache cannot be reset while requests hold KV blocks; after an update that left it
   holding blocks of older weights, stream requests skip reading it until an idle moment resets it
-  (on CPU a block is 128 tokens, so only prompts that long could have hit it).
+  (on CPU a block is 128 tokens, so only prompts that long could have hit it). Two cases where
+  the KV behind a token is not that of the versions its predecessors carry: a request added just
+  before an update whose prefill ran just after it (its prompt may read blocks cached under the
+  old weights), and a sequence vLLM preempts under KV-cache pressure (recomputed with the
+  weights of the moment). Its log-probs remain those of the computation that sampled it.
 
 vLLM starts worker processes: scripts that build a VLLMEngine need an `if __name__ == "__main__"` guard.
 """
