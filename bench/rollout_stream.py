@@ -274,13 +274,13 @@ def run_service(probs, gids, args, *, streaming: bool) -> dict:
         bus.publish("prompts", warm)
         collect(1, time.perf_counter())
         busy0 = httpx.get(f"{base}/status", timeout=5).json()["busy_s"]
-        c0 = _cpu_seconds(proc.pid)
+        c0 = _tree_cpu_seconds(proc.pid)  # with vLLM: its engine core and worker too
         t0 = time.perf_counter()
         for gid, p in zip(gids, probs):
             bus.publish("prompts", codec.prompt_task(gid, run, p, n_samples=args.samples, min_version=0))
         got = collect(len(gids), t0)
         wall = time.perf_counter() - t0
-        cpu = _cpu_seconds(proc.pid) - c0
+        cpu = _tree_cpu_seconds(proc.pid) - c0
         busy = httpx.get(f"{base}/status", timeout=5).json()["busy_s"] - busy0
         tokens = sum(len(c.token_ids) for _, g in got for c in g.completions)
         return {"mode": "service" if streaming else "service-batch", "tokens": tokens, "seconds": wall, "cpu_s": cpu,
