@@ -86,9 +86,10 @@ $(VLLM_VENV)/.installed: pyproject.toml
 vllm-env: $(VLLM_VENV)/.installed
 
 # The engine contract suite against real vLLM (the default `make test` runs it against the torch engine),
-# and the teacher scorer on vLLM against the torch scorer (tests/vllm, SmolLM2 fp32).
+# the teacher scorer on vLLM against the torch scorer (tests/vllm, SmolLM2 fp32), vLLM's stream
+# (tests/vllm/test_stream_vllm.py) and the streaming rollout worker on vLLM (needs Redis).
 test-vllm: vllm-env
-	RLRT_TEST_ENGINES=vllm $(VLLM_PY) -m pytest tests/test_engines.py tests/vllm -q
+	RLRT_TEST_ENGINES=vllm $(VLLM_PY) -m pytest tests/test_engines.py tests/vllm tests/test_rollout_stream.py -q
 
 # --- deployment --------------------------------------------------------------------------
 # Private engine state, base-image tarballs and the wheelhouse are cached here between runs.

@@ -32,6 +32,10 @@ raw engine in the same mode.
     .venv/bin/python bench/rollout_stream.py [--prompts 8 --groups 4 --samples 8 --max-new-tokens 256]
         [--modes batch,stream,service,service-batch] [--model smollm2-135m-instruct | tiny]
     .venv-vllm/bin/python bench/rollout_stream.py --modes teacher [--teacher-topk 0]
+    .venv-vllm/bin/python bench/rollout_stream.py --engine vllm [--modes batch,stream,service,service-batch]
+
+`--engine vllm` runs batch / stream / service on `VLLMEngine` (generate vs `start_stream()`); CPU
+seconds then count the bench process and its children (vLLM's engine core and worker).
 """
 
 from __future__ import annotations
@@ -68,7 +72,7 @@ def problems(n: int) -> list:
 def run_batch(engine, prompts, gids, args) -> dict:
     from rlrt_core.engines import SamplingParams, derive_seed
 
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0, c0 = time.perf_counter(), _tree_cpu_seconds(os.getpid())
     first, tokens, steps = None, 0, 0
     for i in range(0, len(prompts), args.groups):
         sp = SamplingParams(n=args.samples, max_new_tokens=args.max_new_tokens, temperature=1.0,
@@ -78,7 +82,7 @@ def run_batch(engine, prompts, gids, args) -> dict:
         lens = [len(c.token_ids) for r in res for c in r.completions]
         tokens += sum(lens)
         steps += max(lens)  # every live row decodes one token per step
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    wall, cpu = time.perf_counter() - t0, _tree_cpu_seconds(os.getpid()) - c0
     return {"mode": "batch", "tokens": tokens, "seconds": wall, "cpu_s": cpu, "first_group_s": first, "steps": steps}
 
 
@@ -87,7 +91,7 @@ def run_stream(engine, prompts, gids, args) -> dict:
 
     stream = engine.start_stream()
     todo = list(zip(gids, prompts))
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0, c0 = time.perf_counter(), _tree_cpu_seconds(os.getpid())
     first, tokens, steps, inflight = None, 0, 0, 0
     while todo or inflight:
         while todo and inflight < args.groups:  # the service's admission rule
@@ -101,7 +105,7 @@ def run_stream(engine, prompts, gids, args) -> dict:
             first = first or time.perf_counter() - t0
             tokens += sum(len(c.token_ids) for c in f.result.completions)
             inflight -= 1
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    wall, cpu = time.perf_counter() - t0, _tree_cpu_seconds(os.getpid()) - c0
     return {"mode": "stream", "tokens": tokens, "seconds": wall, "cpu_s": cpu, "first_group_s": first, "steps": steps}
 
 
@@ -230,7 +234,7 @@ def run_service(probs, gids, args, *, streaming: bool) -> dict:
     run = f"bench-stream-{uuid.uuid4().hex[:8]}"
     tmp = Path(tempfile.mkdtemp(prefix="rlrt-bench-"))
     cfg = {"run_name": run, "model": {"path": args.model, "max_model_len": 1024},
-           "rollout": {"engine": "torch", "n_samples": args.samples, "temperature": 1.0,
+           "rollout": {"engine": args.engine, "n_samples": args.samples, "temperature": 1.0,
                        "max_new_tokens": args.max_new_tokens, "streaming": streaming,
                        "max_inflight_groups": args.groups, "groups_per_batch": args.groups, "seed": args.seed},
            "transport": {"redis_url": args.redis_url}, "metrics": {"run_dir": str(tmp)}}
@@ -270,13 +274,13 @@ def run_service(probs, gids, args, *, streaming: bool) -> dict:
         bus.publish("prompts", warm)
         collect(1, time.perf_counter())
         busy0 = httpx.get(f"{base}/status", timeout=5).json()["busy_s"]
-        c0 = _cpu_seconds(proc.pid)
+        c0 = _tree_cpu_seconds(proc.pid)  # with vLLM: its engine core and worker too
         t0 = time.perf_counter()
         for gid, p in zip(gids, probs):
             bus.publish("prompts", codec.prompt_task(gid, run, p, n_samples=args.samples, min_version=0))
         got = collect(len(gids), t0)
         wall = time.perf_counter() - t0
-        cpu = _cpu_seconds(proc.pid) - c0
+        cpu = _tree_cpu_seconds(proc.pid) - c0
         busy = httpx.get(f"{base}/status", timeout=5).json()["busy_s"] - busy0
         tokens = sum(len(c.token_ids) for _, g in got for c in g.completions)
         return {"mode": "service" if streaming else "service-batch", "tokens": tokens, "seconds": wall, "cpu_s": cpu,
@@ -306,6 +310,8 @@ def main() -> int:
                     help="torch threads, here and in the service (1: OpenMP threads spinning on a loaded "
                          "2-core box made decoding ~10x slower, see tests/test_engines.py)")
     ap.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    ap.add_argument("--engine", choices=["torch", "vllm"], default="torch",
+                    help="rollout engine of batch / stream / service (vllm: run from .venv-vllm)")
     ap.add_argument("--teacher-topk", type=int, default=0, help="teacher mode: teacher.topk (D̄_t rows)")
     args = ap.parse_args()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -324,10 +330,16 @@ def main() -> int:
     print(f"machine: {os.uname().nodename}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
           f"load average {os.getloadavg()}")
     print(f"workload: {len(probs)} prompts (short/GSM8K alternating) x K={args.samples}, <= {args.max_new_tokens} "
-          f"new tokens, T=1.0, G={args.groups} groups per batch / in flight, fp32 {args.model}")
+          f"new tokens, T=1.0, G={args.groups} groups per batch / in flight, fp32 {args.model}, "
+          f"{args.engine} engine")
     rows = {}
     if {"batch", "stream", "ab"} & set(modes):
-        engine = TorchEngine(args.model, max_model_len=1024)
+        if args.engine == "vllm":
+            from rlrt_core.engines import VLLMEngine
+
+            engine = VLLMEngine(args.model, max_model_len=1024)
+        else:
+            engine = TorchEngine(args.model, max_model_len=1024)
         prompts = [student_prompt_ids(engine.tokenizer, p.prompt) for p in probs]
         print(f"prompt lengths: {[len(p) for p in prompts]}")
         engine.generate(prompts[:1], SamplingParams(n=2, max_new_tokens=8, seed=0))  # warm-up
@@ -338,6 +350,7 @@ def main() -> int:
                 fn = run_batch if mode == "batch" else run_stream
                 rows[mode] = fn(engine, prompts, gids, args)
                 print("RESULT " + json.dumps(rows[mode]), flush=True)
+        engine.close()  # vLLM: its engine core and worker, before a service starts its own
     for mode in ("service", "service-batch"):
         if mode in modes:
             rows[mode] = run_service(probs, gids, args, streaming=mode == "service")

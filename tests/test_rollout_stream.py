@@ -1,7 +1,8 @@
 """The streaming rollout worker as a real process (tiny model, real Redis, a real weight server):
 a version announced while groups are in the engine is loaded between decode steps, the groups
 in flight keep going and carry both versions per token, each group's version is its oldest
-token's, and every task comes back exactly once."""
+token's, and every task comes back exactly once. Run against every engine in $RLRT_TEST_ENGINES
+(default "torch"; `make test-vllm` adds vLLM's stream)."""
 
 from __future__ import annotations
 
@@ -29,19 +30,21 @@ from rlrt_core.weights.server import WeightServer
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 REDIS_URL = os.environ.get("REDIS_URL_TEST", "redis://127.0.0.1:6379/0")
+ENGINES = [e.strip() for e in os.environ.get("RLRT_TEST_ENGINES", "torch").split(",") if e.strip()]
 
 
-def test_streaming_worker_loads_new_weights_in_flight(tmp_path):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_streaming_worker_loads_new_weights_in_flight(tmp_path, engine):
     run = f"stream-{uuid.uuid4().hex[:8]}"
     cfg = load_config(ROOT / "configs" / "tiny.yaml", use_env=False, overrides={
         "run_name": run, "metrics": {"run_dir": str(tmp_path)},
         "transport": {"redis_url": REDIS_URL, "weights_token": "tok", "weights_port": 0},
-        "rollout": {"streaming": True, "max_inflight_groups": 2, "n_samples": 4, "max_new_tokens": 64, "seed": 3}})
+        "rollout": {"engine": engine, "streaming": True, "max_inflight_groups": 2, "n_samples": 4, "max_new_tokens": 64, "seed": 3}})
     (tmp_path / "config.yaml").write_text(dump_config(cfg))
     server = WeightServer(token="tok", port=0)
     server.start()
     bus = StreamBus.from_url(REDIS_URL, run)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
     with open(tmp_path / "rollout.log", "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "services.cli.main", "serve", "rollout", "--config",
                                  str(tmp_path / "config.yaml"), "--worker", "rollout-0"], cwd=ROOT, env=env,

@@ -20,6 +20,25 @@
   `enable_prefix_caching=True`, requests sharing a prompt (the K rollouts of a group) reuse its
   KV blocks, within one call too; see `score_tokens` for the one case that needs a second pass.
 
+* Streaming (`start_stream()`, a `VLLMStream`): the synchronous step-wise API of the engine the
+  `LLM` already holds (`llm.llm_engine`: add_request / step / abort_request), not AsyncLLM: the
+  rollout worker's loop is synchronous, and sharing the one engine keeps generate, scoring and
+  the weight-reload path as they are. Each group is one request with n = K; vLLM's scheduler
+  admits and refills its own batch rows, and a group comes back (FINAL_ONLY) as soon as its K
+  children end. Per-token versions come from vLLM itself: the engine core labels every step's
+  output with its current weight version (`set_weight_version`), and each finished completion
+  carries the spans (`CompletionOutput.weight_versions`). A weight update therefore runs as
+  pause scheduling (sleep level 0, mode "keep": in-flight requests stay, the step in progress
+  completes) -> reload in every worker -> reset the prefix cache -> set the version label ->
+  resume, so no step runs with new weights under the old label or vice versa.
+* The prefix cache cannot be reset while requests hold KV blocks; after an update that left it
+  holding blocks of older weights, stream requests skip reading it until an idle moment resets it
+  (on CPU a block is 128 tokens, so only prompts that long could have hit it). Two cases where
+  the KV behind a token is not that of the versions its predecessors carry: a request added just
+  before an update whose prefill ran just after it (its prompt may read blocks cached under the
+  old weights), and a sequence vLLM preempts under KV-cache pressure (recomputed with the
+  weights of the moment). Its log-probs remain those of the computation that sampled it.
+
 vLLM starts worker processes: scripts that build a VLLMEngine need an `if __name__ == "__main__"` guard.
 """
 
@@ -39,6 +58,8 @@ from torch import Tensor
 from rlrt_core.engines.base import (
     Completion,
     Engine,
+    EngineStream,
+    FinishedGroup,
     GenerationResult,
     ParamSpec,
     SamplingParams,
@@ -125,6 +146,31 @@ class VLLMEngine(Engine):
         self.max_logprobs = int(self.llm.llm_engine.model_config.max_logprobs)
         self.score_stats: dict[str, int] = {}
         self._closed = False
+        self._streams: list[VLLMStream] = []
+        self._cache_stale = False  # the prefix cache may hold KV blocks of older weights
+        self.llm.llm_engine.set_weight_version(str(self._version))  # labels every step's output
+
+    def _no_live_stream(self, what: str) -> None:
+        # LLM.generate steps the shared engine until it is empty and would swallow a stream's outputs
+        if any(st.groups for st in self._streams):
+            raise RuntimeError(f"VLLMEngine.{what} called while a stream has groups in flight; "
+                               "finish or abort them first")
+
+    def _sampling(self, sampling: SamplingParams, prompt_len: int, index: int, **extra: Any) -> Any:
+        seed = None if sampling.seed is None else (sampling.seed * 1_000_003 + index) & 0x7FFFFFFF
+        return self._VSamplingParams(
+            n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+            max_tokens=min(sampling.max_new_tokens, self.max_model_len - prompt_len),
+            logprobs=0, seed=seed, skip_special_tokens=True, **extra,
+        )
+
+    def start_stream(self) -> "VLLMStream":
+        """A continuous-batching stream on this engine (see VLLMStream)."""
+        if self._closed:
+            raise RuntimeError("VLLMEngine.start_stream called after close()")
+        stream = VLLMStream(self)
+        self._streams.append(stream)
+        return stream
 
     # -- generation --------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[GenerationResult]:
@@ -132,33 +178,15 @@ class VLLMEngine(Engine):
         self.check_request(prompts, sampling)
         if self._closed:
             raise RuntimeError("VLLMEngine.generate called after close()")
-        params = []
-        for i, p in enumerate(prompts):
-            seed = None if sampling.seed is None else (sampling.seed * 1_000_003 + i) & 0x7FFFFFFF
-            params.append(self._VSamplingParams(
-                n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-                max_tokens=min(sampling.max_new_tokens, self.max_model_len - len(p)),
-                logprobs=0, seed=seed, skip_special_tokens=True,
-            ))
+        self._no_live_stream("generate")
+        params = [self._sampling(sampling, len(p), i) for i, p in enumerate(prompts)]
         requests = [{"prompt_token_ids": list(p)} for p in prompts]
         with self._lock:
             outputs = self.llm.generate(requests, params, use_tqdm=False)
             version = self._version
-        results = []
-        for p, out in zip(prompts, outputs):
-            comps = []
-            for c in sorted(out.outputs, key=lambda c: c.index):
-                ids = list(c.token_ids)
-                if c.logprobs is None or len(c.logprobs) != len(ids):
-                    raise RuntimeError(f"vLLM returned {0 if c.logprobs is None else len(c.logprobs)} log-probs "
-                                       f"for {len(ids)} tokens")
-                lps = [float(step[t].logprob) for t, step in zip(ids, c.logprobs)]
-                if c.finish_reason not in ("stop", "length"):
-                    raise RuntimeError(f"vLLM finished a completion with reason {c.finish_reason!r}")
-                comps.append(Completion(token_ids=ids, logprobs=lps, finish_reason=c.finish_reason, text=c.text,
-                                        token_versions=[version] * len(ids)))
-            results.append(GenerationResult(prompt_ids=list(p), completions=comps, version=version))
-        return results
+        return [GenerationResult(prompt_ids=list(p), completions=[_completion(c, version) for c in
+                                                                  sorted(out.outputs, key=lambda c: c.index)],
+                                 version=version) for p, out in zip(prompts, outputs)]
 
     # -- scoring (teacher) -------------------------------------------------------------------
     def score_tokens(self, prompt_ids: list[list[int]], response_ids: list[list[int]], *, temperature: float = 1.0,
@@ -184,6 +212,7 @@ class VLLMEngine(Engine):
                              "ids; score with the torch scorer (teacher.engine: torch)")
         if self._closed:
             raise RuntimeError("VLLMEngine.score_tokens called after close()")
+        self._no_live_stream("score_tokens")
         if len(prompt_ids) == 0 or len(prompt_ids) != len(response_ids):
             raise ValueError(f"score_tokens: {len(prompt_ids)} prompts and {len(response_ids)} responses; need one "
                              "response per prompt and at least one prompt")
@@ -255,13 +284,24 @@ class VLLMEngine(Engine):
         try:
             save_file(tensors, path)
             del tensors
+            engine = self.llm.llm_engine
             with self._lock:
+                # pause scheduling (in-flight requests kept) so that no step runs while the weights
+                # and the version label change; a no-op wait when nothing is in flight
+                engine.sleep(level=0, mode="keep")
                 try:
-                    self.llm.collective_rpc("rlrt_reload_weights", args=(path,))
-                except Exception as err:  # the workers' error, surfaced with what we were doing
-                    raise WeightLoadError(f"vLLM workers failed to reload weights version {version}: {err}") from err
-                self.llm.reset_prefix_cache()
-                self._version = int(version)
+                    try:
+                        self.llm.collective_rpc("rlrt_reload_weights", args=(path,))
+                    except Exception as err:  # the workers' error, surfaced with what we were doing
+                        raise WeightLoadError(f"vLLM workers failed to reload weights version {version}: "
+                                              f"{err}") from err
+                    # fails (False) while in-flight requests hold KV blocks: then stream requests
+                    # skip reading the cache until an idle moment resets it
+                    self._cache_stale = not self.llm.reset_prefix_cache()
+                    engine.set_weight_version(str(int(version)))
+                    self._version = int(version)
+                finally:
+                    engine.wake_up(tags=["scheduling"])
         finally:
             Path(path).unlink(missing_ok=True)
 
@@ -275,6 +315,8 @@ class VLLMEngine(Engine):
         if getattr(self, "_closed", True):
             return
         self._closed = True
+        for st in self._streams:
+            st.abort()
         core = getattr(self.llm.llm_engine, "engine_core", None)
         if core is not None and hasattr(core, "shutdown"):
             core.shutdown()
@@ -285,3 +327,93 @@ class VLLMEngine(Engine):
                     os.unlink(f)
             except FileNotFoundError:
                 continue
+
+
+def _completion(c: Any, version: int | None) -> Completion:
+    """A vLLM CompletionOutput -> Completion; token versions from `version`, else from vLLM's
+    per-token weight-version spans (streams)."""
+    ids = list(c.token_ids)
+    if c.logprobs is None or len(c.logprobs) != len(ids):
+        raise RuntimeError(f"vLLM returned {0 if c.logprobs is None else len(c.logprobs)} log-probs "
+                           f"for {len(ids)} tokens")
+    lps = [float(step[t].logprob) for t, step in zip(ids, c.logprobs)]
+    if c.finish_reason not in ("stop", "length"):
+        raise RuntimeError(f"vLLM finished a completion with reason {c.finish_reason!r}")
+    if version is not None:
+        vers = [version] * len(ids)
+    else:
+        spans = c.weight_versions or []
+        vers = [int(sp.version) for sp in spans for _ in range(sp.start, sp.end)]
+        if len(vers) != len(ids):
+            raise RuntimeError(f"vLLM labelled {len(vers)} of {len(ids)} tokens with a weight version")
+    return Completion(token_ids=ids, logprobs=lps, finish_reason=c.finish_reason, text=c.text, token_versions=vers)
+
+
+class VLLMStream(EngineStream):
+    """Continuous batching on a VLLMEngine; see the module docstring and EngineStream.
+
+    `add()` hands the group to vLLM at once (one request, n = K, FINAL_ONLY); vLLM's scheduler
+    admits it into its batch as KV space and `max_num_seqs` allow. `step()` runs one engine step
+    (with the multiprocess engine core: waits for its next output) and returns the groups whose K
+    completions all ended. `rows` counts the completions of groups in flight (vLLM may still hold
+    some of them in its waiting queue)."""
+
+    def __init__(self, engine: VLLMEngine) -> None:
+        from vllm.sampling_params import RequestOutputKind
+
+        self.engine = engine
+        self._final_only = RequestOutputKind.FINAL_ONLY
+        self._live: dict[str, tuple[Any, list[int], SamplingParams, float]] = {}
+        self._next = 0
+        self._prefix = f"rlrt-stream-{id(self):x}-"
+
+    @property
+    def groups(self) -> int:
+        return len(self._live)
+
+    @property
+    def rows(self) -> int:
+        return sum(sp.n for _, _, sp, _ in self._live.values())
+
+    def add(self, key: Any, prompt_ids: list[int], sampling: SamplingParams) -> None:
+        """Queue one group in vLLM; see EngineStream.add."""
+        eng = self.engine
+        eng.check_request([prompt_ids], sampling)
+        if eng._closed:
+            raise RuntimeError("VLLMStream.add called after the engine was closed")
+        with eng._lock:
+            extra = {"skip_reading_prefix_cache": True} if eng._cache_stale else {}
+            params = eng._sampling(sampling, len(prompt_ids), 0, output_kind=self._final_only, **extra)
+            rid = f"{self._prefix}{self._next}"
+            self._next += 1
+            eng.llm.llm_engine.add_request(rid, {"prompt_token_ids": list(prompt_ids)}, params)
+            self._live[rid] = (key, list(prompt_ids), sampling, time.monotonic())
+
+    def step(self) -> list[FinishedGroup]:
+        """One engine step; the groups whose K completions ended."""
+        eng = self.engine
+        with eng._lock:
+            llm_engine = eng.llm.llm_engine
+            if not self._live:
+                if eng._cache_stale and not llm_engine.has_unfinished_requests():
+                    eng._cache_stale = not eng.llm.reset_prefix_cache()
+                return []
+            outputs = llm_engine.step()
+        finished, now = [], time.monotonic()
+        for out in outputs:
+            if not out.finished or out.request_id not in self._live:
+                continue
+            key, prompt, _, added = self._live.pop(out.request_id)
+            comps = [_completion(c, None) for c in sorted(out.outputs, key=lambda c: c.index)]
+            result = GenerationResult(prompt_ids=prompt, completions=comps,
+                                      version=min(v for c in comps for v in c.token_versions))
+            finished.append(FinishedGroup(key=key, result=result, added_at=added, finished_at=now))
+        return finished
+
+    def abort(self) -> list[Any]:
+        keys = [k for k, _, _, _ in self._live.values()]
+        if self._live and not self.engine._closed:
+            with self.engine._lock:
+                self.engine.llm.llm_engine.abort_request(list(self._live))
+        self._live.clear()
+        return keys

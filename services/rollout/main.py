@@ -1,6 +1,6 @@
 """Rollout worker: `prompts` -> K completions per prompt -> `rollouts`.
 
-Streaming (`rollout.streaming: true`; engines with a streaming API, today the torch engine): the worker
+Streaming (`rollout.streaming: true`; engines with a streaming API: torch and vLLM): the worker
 keeps up to `rollout.max_inflight_groups` groups in its engine. Between decode steps it takes
 new PromptTasks into free slots, loads a newer announced weight version in place (in-flight
 sequences keep going; every token records its version, a group's version is its oldest
