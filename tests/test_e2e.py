@@ -204,13 +204,14 @@ def _exposed_names(text: str) -> set[str]:
 
 
 def test_dashboard_queries_only_metrics_live_services_expose(tmp_path):
-    """Scrape every service of a live tiny run; each metric the Grafana dashboard queries
-    must be in some service's exposition."""
+    """Scrape every service of a live tiny run (with one weight relay, which the dashboard's
+    egress panel reads); each metric the Grafana dashboard queries must be in some service's
+    exposition."""
     import httpx
 
     from test_deploy import metric_names_in_dashboard
 
-    cfg = _cfg(tmp_path, learner={"total_steps": 3})
+    cfg = _cfg(tmp_path, learner={"total_steps": 3}, launcher={"relays": 1})
     run = LocalRun(cfg, n_rollout=1, restart_crashed=False)
     exposed: set[str] = set()
     with run:
@@ -218,7 +219,7 @@ def test_dashboard_queries_only_metrics_live_services_expose(tmp_path):
         while time.time() < deadline and len(read_metrics(run.run_dir)) < 1:
             time.sleep(0.5)
         eps = json.loads("[" + ",".join(p.read_text() for p in (run.run_dir / "services").glob("*.json")) + "]")
-        assert {e["service"] for e in eps} == {"learner", "rollout", "verifier", "teacher"}
+        assert {e["service"] for e in eps} == {"learner", "rollout", "verifier", "teacher", "relay"}
         for ep in eps:
             text = httpx.get(f"http://127.0.0.1:{ep['admin_port']}/metrics", timeout=5).text
             assert f'service="{ep["service"]}"' in text
