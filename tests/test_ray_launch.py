@@ -119,7 +119,7 @@ def test_multi_node_needs_reachable_redis(tmp_path):
 
 def test_ray_relay_per_node_serves_the_workers_of_its_node(tmp_path):
     """`ray.relay_per_node`: one relay actor pinned to the (single) node, registered under this
-    host's name; the workers switch to it and pull every version through it."""
+    host's name; the workers switch to it and pull through it."""
     import socket
 
     import redis
@@ -149,4 +149,7 @@ def test_ray_relay_per_node_serves_the_workers_of_its_node(tmp_path):
     [rel] = relays
     assert rel.relay_id == "relay-0" and rel.node == socket.gethostname() and rel.address.startswith("127.0.0.1:")
     assert rel.versions and rel.pulled_bytes > 0
-    assert rel.bytes_sent > rel.pulled_bytes  # rollout and teacher both pulled through it: more out than in
+    # Workers took versions from it. Not "more out than in": a worker skips versions it is not
+    # yet due for (it takes the newest when it loads), so under load the relay may pull
+    # versions nobody asks it for (a clean-clone CI run saw 146 MB out, 182 MB in).
+    assert rel.bytes_sent > 0
