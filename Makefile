@@ -54,14 +54,14 @@ browser:
 # tests/deploy needs root, a container engine and prometheus: `make test-deploy` runs it;
 # tests/vllm needs the vLLM environment: `make test-vllm` runs it.
 test: install redis browser
-	REDIS_URL_TEST="$(REDIS_URL)" $(PY) -m pytest tests -q --ignore=tests/chaos --ignore=tests/deploy --ignore=tests/vllm
+	REDIS_URL_TEST="$(REDIS_URL)" $(PY) -m pytest tests -q --durations=25 --ignore=tests/chaos --ignore=tests/deploy --ignore=tests/vllm
 
 test-fast: install redis
 	REDIS_URL_TEST="$(REDIS_URL)" $(PY) -m pytest tests -q -m "not slow" --ignore=tests/chaos --ignore=tests/deploy --ignore=tests/vllm
 
 # Fault injection: real processes, a private redis-server per test (never the shared one).
 test-chaos: install
-	$(PY) -m pytest tests/chaos -q
+	$(PY) -m pytest tests/chaos -q --durations=10
 
 bench: install
 	$(PY) bench/scoring_memory.py
@@ -89,7 +89,7 @@ vllm-env: $(VLLM_VENV)/.installed
 # the teacher scorer on vLLM against the torch scorer (tests/vllm, SmolLM2 fp32), vLLM's stream
 # (tests/vllm/test_stream_vllm.py) and the streaming rollout worker on vLLM (needs Redis).
 test-vllm: vllm-env
-	RLRT_TEST_ENGINES=vllm $(VLLM_PY) -m pytest tests/test_engines.py tests/vllm tests/test_rollout_stream.py -q
+	RLRT_TEST_ENGINES=vllm $(VLLM_PY) -m pytest tests/test_engines.py tests/vllm tests/test_rollout_stream.py -q --durations=15
 
 # --- deployment --------------------------------------------------------------------------
 # Private engine state, base-image tarballs and the wheelhouse are cached here between runs.

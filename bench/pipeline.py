@@ -72,6 +72,9 @@ SUITES: dict[str, list[Setup]] = {
                 Setup("grpo, staleness 1", {"learner": {"max_staleness": 1}, "algorithm": {"method": "grpo"}})],
     "workers": [Setup("1 rollout worker", {"learner": {"max_staleness": 1}}, 1),
                 Setup("2 rollout workers", {"learner": {"max_staleness": 1}}, 2)],
+    # the bottleneck stage (the learner on the demo) with one or two intra-op threads
+    "threads": [Setup("learner 1 thread", {"learner": {"max_staleness": 1}, "launcher": {"threads": {"learner": 1}}}),
+                Setup("learner 2 threads", {"learner": {"max_staleness": 1}, "launcher": {"threads": {"learner": 2}}})],
 }
 
 

@@ -1,16 +1,25 @@
 """Streaming rollouts vs batch-synchronous, on a long-tailed workload, side by side.
 
-Workload: SmolLM2-135M-Instruct (fp32), P prompts alternating short ("What is a + b? Reply with
-only the number.", a few tokens) and long (GSM8K test questions, "solve step by step", up to
-`max_new_tokens`), K samples each, temperature 1. Every mode generates the same prompts:
+Workload: SmolLM2-135M-Instruct (fp32), P prompts alternating arithmetic ("What is a + b? Reply
+with only the number.", 2-digit operands, + or *, seed 0) and GSM8K test questions ("solve step by
+step"), the first P/2 of each list in order (no selection by outcome), K samples each, temperature 1.
+Their natural lengths spread widely: at T = 1 an arithmetic group's samples end anywhere between a
+dozen tokens and the cap (most short, one or two run to `max_new_tokens`), a GSM8K group's mostly
+run to the cap; the bench prints the measured per-sample length distribution and how long each
+group's samples are against its slowest one (what a batch-synchronous engine waits for). Every mode
+generates the same prompts:
 
 * batch      `TorchEngine.generate` on G prompts at a time (what `rollout.streaming: false` does);
              a batch's groups are published when its slowest completion ends.
-* stream     `TorchEngine.start_stream()`, G groups in flight, a group published as soon as its K
-             completions end, a new prompt admitted into the freed slot between decode steps.
-* service    the real rollout worker (`rlrt serve rollout`, streaming, G in flight) fed over Redis;
+* stream     `TorchEngine.start_stream()` with a budget of G x K rows (the service's admission
+             rule): a new group is admitted between decode steps whenever K rows are free (a
+             sample that ended frees its row while its group waits for its slowest sample); a
+             group is published as soon as its K completions end.
+* service    the real rollout worker (`rlrt serve rollout`, streaming, G x K rows) fed over Redis;
              the same group ids and seeds as `stream`, so the same tokens (up to float rounding).
 * service-batch  the same worker with `rollout.streaming: false` (G groups per generate call).
+* stepcost   CPU time of one decode step against rows x KV-cache width (left-padded rows), the
+             cost model behind the stream's figures.
 * ab         overhead check on identical work: `generate([p])` vs a stream holding only that
              group (same seed, so the same tokens), interleaved twice; tokens per CPU-s of each.
 * teacher    teacher scoring of the same groups (K completions sampled once by vLLM, rewards
@@ -24,13 +33,15 @@ only the number.", a few tokens) and long (GSM8K test questions, "solve step by 
 Figures: generated tokens/s (EOS included) per wall second and per CPU second of the generating
 process (one torch thread, so CPU seconds measure work even when other jobs share the cores;
 the service's include its Redis and gRPC work), time to the first published group, mean live rows
-per decode step over the G x K slots (slot occupancy: what continuous batching improves; the raw
+per decode step over the G x K slots (slot occupancy: what continuous batching improves), for the
+stream the mean KV-cache width per decode step and the CPU time spent merging admitted groups into
+the live cache (left-padding to the widest row) (the raw
 engine modes are busy 100% of the time by construction), and for the service the engine busy
 fraction (time inside engine calls / wall time, from its /status) and tokens/s against the
 raw engine in the same mode.
 
     .venv/bin/python bench/rollout_stream.py [--prompts 8 --groups 4 --samples 8 --max-new-tokens 256]
-        [--modes batch,stream,service,service-batch] [--model smollm2-135m-instruct | tiny]
+        [--modes batch,stream,service,service-batch] [--model smollm2-135m-instruct | tiny] [--repeats 3]
     .venv-vllm/bin/python bench/rollout_stream.py --modes teacher [--teacher-topk 0]
     .venv-vllm/bin/python bench/rollout_stream.py --engine vllm [--modes batch,stream,service,service-batch]
 
@@ -73,7 +84,7 @@ def run_batch(engine, prompts, gids, args) -> dict:
     from rlrt_core.engines import SamplingParams, derive_seed
 
     t0, c0 = time.perf_counter(), _tree_cpu_seconds(os.getpid())
-    first, tokens, steps = None, 0, 0
+    first, tokens, steps, groups = None, 0, 0, []
     for i in range(0, len(prompts), args.groups):
         sp = SamplingParams(n=args.samples, max_new_tokens=args.max_new_tokens, temperature=1.0,
                             seed=derive_seed(args.seed, *gids[i:i + args.groups]))
@@ -82,31 +93,95 @@ def run_batch(engine, prompts, gids, args) -> dict:
         lens = [len(c.token_ids) for r in res for c in r.completions]
         tokens += sum(lens)
         steps += max(lens)  # every live row decodes one token per step
+        groups.extend([len(c.token_ids) for c in r.completions] for r in res)
     wall, cpu = time.perf_counter() - t0, _tree_cpu_seconds(os.getpid()) - c0
-    return {"mode": "batch", "tokens": tokens, "seconds": wall, "cpu_s": cpu, "first_group_s": first, "steps": steps}
+    return {"mode": "batch", "tokens": tokens, "seconds": wall, "cpu_s": cpu, "first_group_s": first, "steps": steps,
+            "lengths": groups}
 
 
 def run_stream(engine, prompts, gids, args) -> dict:
     from rlrt_core.engines import SamplingParams, derive_seed
 
     stream = engine.start_stream()
+    merge = {"cpu_s": 0.0, "calls": 0}
+    if hasattr(stream, "_admit"):  # torch: time the prefill + cache merge of admitted groups
+        admit = stream._admit
+
+        def timed_admit(groups):
+            c = time.process_time()
+            try:
+                return admit(groups)
+            finally:
+                merge["cpu_s"] += time.process_time() - c
+                merge["calls"] += 1
+
+        stream._admit = timed_admit
+    budget = args.groups * args.samples
     todo = list(zip(gids, prompts))
     t0, c0 = time.perf_counter(), _tree_cpu_seconds(os.getpid())
-    first, tokens, steps, inflight = None, 0, 0, 0
+    first, tokens, steps, inflight, width, groups = None, 0, 0, 0, 0, []
     while todo or inflight:
-        while todo and inflight < args.groups:  # the service's admission rule
+        # the service's admission rule: a row budget of G x K, a group admitted when K rows are free
+        while todo and (stream.rows + args.samples <= budget or not stream.rows):
             gid, p = todo.pop(0)
             stream.add(gid, p, SamplingParams(n=args.samples, max_new_tokens=args.max_new_tokens, temperature=1.0,
                                               seed=derive_seed(args.seed, gid)))
             inflight += 1
         fin = stream.step()
         steps += 1
+        width += getattr(stream, "cache_width", 0)  # torch: columns the next decode step attends over
         for f in fin:
             first = first or time.perf_counter() - t0
             tokens += sum(len(c.token_ids) for c in f.result.completions)
+            groups.append([len(c.token_ids) for c in f.result.completions])
             inflight -= 1
     wall, cpu = time.perf_counter() - t0, _tree_cpu_seconds(os.getpid()) - c0
-    return {"mode": "stream", "tokens": tokens, "seconds": wall, "cpu_s": cpu, "first_group_s": first, "steps": steps}
+    return {"mode": "stream", "tokens": tokens, "seconds": wall, "cpu_s": cpu, "first_group_s": first, "steps": steps,
+            "lengths": groups, "mean_cache_width": width / max(steps, 1), "merge_cpu_s": merge["cpu_s"],
+            "merges": merge["calls"]}
+
+
+def print_lengths(mode: str, groups: list[list[int]], cap: int) -> None:
+    """The workload's measured tail: per-sample completion lengths and, per group, its mean sample
+    against its slowest (a batch-synchronous engine holds a group's rows until its slowest ends)."""
+    lens = sorted(n for g in groups for n in g)
+    q = lambda f: lens[min(len(lens) - 1, int(f * len(lens)))]  # noqa: E731
+    at_cap = sum(n >= cap for n in lens) / len(lens)
+    ratio = sum(sum(g) / len(g) / max(g) for g in groups) / len(groups)
+    print(f"{mode}: completion lengths over {len(lens)} samples: min {lens[0]}, p10 {q(0.1)}, p25 {q(0.25)}, "
+          f"median {q(0.5)}, p75 {q(0.75)}, p90 {q(0.9)}, max {lens[-1]}, mean {sum(lens) / len(lens):.0f}; "
+          f"{at_cap:.0%} at the {cap}-token cap; a group's mean sample is {ratio:.2f} of its slowest")
+    print(f"{mode}: per group (sorted sample lengths): " + "; ".join(",".join(map(str, sorted(g))) for g in groups))
+
+
+def run_step_cost(engine, args) -> None:
+    """CPU ms of one decode step (median of 9) for rows x cache width, half the rows left-padded
+    over half the width (so the attention mask is not all ones, as in a stream or a batch)."""
+    import torch
+
+    m = engine.model
+    rows_l = [int(x) for x in args.step_rows.split(",")]
+    widths = [int(x) for x in args.step_widths.split(",")]
+    print(f"step cost (CPU ms per decode step), rows x cache width {widths}:")
+    with torch.no_grad():
+        for R in rows_l:
+            cells = []
+            for W in widths:
+                ids = torch.randint(0, 1000, (R, W), generator=torch.Generator().manual_seed(0))
+                attn = torch.ones(R, W, dtype=torch.long)
+                attn[: R // 2, : W // 2] = 0
+                pos = (attn.cumsum(-1) - 1).clamp(min=0)
+                out = m(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+                cache, tok, nxt, ts = out.past_key_values, ids[:, -1:], attn.sum(-1), []
+                for _ in range(9):
+                    attn = torch.cat([attn, attn.new_ones((R, 1))], 1)
+                    c = time.process_time()
+                    out = m(input_ids=tok, attention_mask=attn, position_ids=nxt[:, None], past_key_values=cache,
+                            use_cache=True)
+                    ts.append(time.process_time() - c)
+                    cache, nxt = out.past_key_values, nxt + 1
+                cells.append(sorted(ts)[4] * 1000)
+            print(f"  {R} rows: " + ", ".join(f"width {W}: {t:.0f}" for W, t in zip(widths, cells)), flush=True)
 
 
 def run_ab(engine, prompts, args) -> None:
@@ -304,6 +379,8 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=8, help="K completions per prompt")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="batch and stream modes: run them interleaved this many times (the box drifts by ~20%%)")
     ap.add_argument("--model", default=MODEL)
     ap.add_argument("--modes", default="batch,stream,service")
     ap.add_argument("--threads", type=int, default=1,
@@ -312,6 +389,8 @@ def main() -> int:
     ap.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
     ap.add_argument("--engine", choices=["torch", "vllm"], default="torch",
                     help="rollout engine of batch / stream / service (vllm: run from .venv-vllm)")
+    ap.add_argument("--step-rows", default="1,4,8,16", help="stepcost mode: batch rows")
+    ap.add_argument("--step-widths", default="64,256,400", help="stepcost mode: KV-cache widths")
     ap.add_argument("--teacher-topk", type=int, default=0, help="teacher mode: teacher.topk (D̄_t rows)")
     args = ap.parse_args()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -329,11 +408,11 @@ def main() -> int:
     gids = [f"bench-{i}" for i in range(len(probs))]
     print(f"machine: {os.uname().nodename}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
           f"load average {os.getloadavg()}")
-    print(f"workload: {len(probs)} prompts (short/GSM8K alternating) x K={args.samples}, <= {args.max_new_tokens} "
-          f"new tokens, T=1.0, G={args.groups} groups per batch / in flight, fp32 {args.model}, "
+    print(f"workload: {len(probs)} prompts (arithmetic/GSM8K alternating) x K={args.samples}, <= {args.max_new_tokens} "
+          f"new tokens, T=1.0, G={args.groups} groups per batch / G x K rows in flight, fp32 {args.model}, "
           f"{args.engine} engine")
     rows = {}
-    if {"batch", "stream", "ab"} & set(modes):
+    if {"batch", "stream", "ab", "stepcost"} & set(modes):
         if args.engine == "vllm":
             from rlrt_core.engines import VLLMEngine
 
@@ -345,11 +424,15 @@ def main() -> int:
         engine.generate(prompts[:1], SamplingParams(n=2, max_new_tokens=8, seed=0))  # warm-up
         if "ab" in modes:
             run_ab(engine, prompts, args)
-        for mode in ("batch", "stream"):
-            if mode in modes:
-                fn = run_batch if mode == "batch" else run_stream
-                rows[mode] = fn(engine, prompts, gids, args)
-                print("RESULT " + json.dumps(rows[mode]), flush=True)
+        if "stepcost" in modes:
+            run_step_cost(engine, args)
+        for rep in range(args.repeats):  # batch, stream, batch, stream, ...: drift hits both alike
+            for mode in ("batch", "stream"):
+                if mode in modes:
+                    fn = run_batch if mode == "batch" else run_stream
+                    r = fn(engine, prompts, gids, args)
+                    rows[mode if rep == 0 else f"{mode} #{rep + 1}"] = r
+                    print("RESULT " + json.dumps(r), flush=True)
         engine.close()  # vLLM: its engine core and worker, before a service starts its own
     for mode in ("service", "service-batch"):
         if mode in modes:
@@ -365,6 +448,11 @@ def main() -> int:
         print("teacher vLLM / torch scored tokens/s: " + ", ".join(
             f"{(v['tokens'] / v['seconds']) / (t['tokens'] / t['seconds']):.2f}x wall, "
             f"{(v['tokens'] / v['cpu_s']) / (t['tokens'] / t['cpu_s']):.2f}x per CPU-s" for t, v in zip(tt, tv)))
+    for mode in ("batch", "stream"):
+        if mode in rows:
+            print_lengths(mode, rows[mode]["lengths"], args.max_new_tokens)
+    for r in rows.values():
+        r.pop("lengths", None)
     slots = args.groups * args.samples
     if rows:
         print(f"\n| mode | tokens | wall s | tokens/s | CPU s | tokens / CPU-s | first group (s) | "
@@ -377,10 +465,20 @@ def main() -> int:
               f"{r['tokens'] / r['cpu_s']:.1f} | {r['first_group_s']:.1f} | {occ} | {busy} |")
     tps = {m: r["tokens"] / r["seconds"] for m, r in rows.items()}
     tpc = {m: r["tokens"] / r["cpu_s"] for m, r in rows.items()}
+    if "stream" in rows and rows["stream"].get("merges"):
+        r = rows["stream"]
+        print(f"stream: mean KV-cache width {r['mean_cache_width']:.0f} columns per decode step; {r['merges']} "
+              f"admissions (prefill + cache merge) took {r['merge_cpu_s']:.1f} CPU-s "
+              f"({r['merge_cpu_s'] / r['cpu_s']:.1%} of the stream's)")
     if "batch" in tps and "stream" in tps:
         print(f"\nstream / batch tokens/s: {tps['stream'] / tps['batch']:.2f}x wall, "
               f"{tpc['stream'] / tpc['batch']:.2f}x per CPU-s (goal >= 1.3x); first group "
               f"{rows['batch']['first_group_s'] / rows['stream']['first_group_s']:.1f}x sooner")
+    if args.repeats > 1 and "batch" in tps and "stream" in tps:
+        pairs = [("batch", "stream")] + [(f"batch #{k}", f"stream #{k}") for k in range(2, args.repeats + 1)]
+        ratios = sorted(tpc[s_] / tpc[b] for b, s_ in pairs)
+        print(f"stream / batch per CPU-s, each interleaved pair: {', '.join(f'{x:.2f}' for x in ratios)}; "
+              f"median {ratios[len(ratios) // 2]:.2f}x (goal >= 1.3x)")
     if "service" in tps and "stream" in tps:
         print(f"service / raw stream tokens/s: {tps['service'] / tps['stream']:.2f}x wall, "
               f"{tpc['service'] / tpc['stream']:.2f}x per CPU-s (goal >= 0.9x)")

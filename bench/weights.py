@@ -15,6 +15,12 @@ publishes the new version to a gRPC server on loopback in fp32 and in bf16, and 
   delta bf16     rebuilt from the previous version, xor-zstd and sparse encodings, each
                  verified by sha256 of the whole rebuilt version (first pull of a pair
                  includes the server's encoding; a second client gets the cached delta)
+  collective     the bf16 version broadcast by a CollectiveSender (transport.weights_backend:
+                 collective) over gloo to a member (rlrt_core.weights.collective), from the
+                 offer to the version staged and sha256-verified at the member; after the
+                 last step also to 4 members at once. The members are receiver threads of
+                 this process (gloo and hashlib release the GIL): on a GPU cluster the same
+                 code runs over NCCL, one member per vLLM worker.
 
 and, after the last step, learner egress (bytes the server sends) for one version with 1 and
 4 clients pulling at once, without and with a weight relay (rlrt_core.weights.relay: a relay
@@ -43,6 +49,7 @@ from rlrt_core.learner import make_optimizer
 from rlrt_core.models import load_model, load_tokenizer
 from rlrt_core.transport.embedded import EmbeddedRedis
 from rlrt_core.weights import HeldVersion, WeightClient, WeightServer, announce_version
+from rlrt_core.weights.collective import CollectiveReceiver, CollectiveSender
 from rlrt_core.weights.relay import WeightRelay
 
 TOKEN = "bench"
@@ -149,7 +156,7 @@ def main() -> None:
 
     rows: dict[str, list[tuple[int, float]]] = {k: [] for k in (
         "full fp32", "full bf16", "delta bf16 xor-zstd", "delta bf16 xor-zstd (cached)", "delta bf16 sparse",
-        "delta bf16 sparse (cached)")}
+        "delta bf16 sparse (cached)", "collective bf16 (gloo, 1 member)")}
     publish_s: dict[str, list[float]] = {"fp32": [], "bf16": []}
     fractions: list[float] = []
     with WeightServer(token=TOKEN, keep_versions=1) as s32, WeightServer(token=TOKEN, keep_versions=2) as s16, \
@@ -162,7 +169,24 @@ def main() -> None:
                 publish_s[name].append(time.perf_counter() - t0)
                 server.checksum(v)
 
+        sender = CollectiveSender(timeout_s=120.0)
+        bcast_s: list[float] = []
+        members = [CollectiveReceiver(sender.address(), timeout_s=120.0)]
+
+        def broadcast(v: int, rxs: list[CollectiveReceiver]) -> tuple[int, float]:
+            """Offer version v of the bf16 server; (bytes, seconds until every member staged
+            and verified it)."""
+            t0 = time.perf_counter()
+            sender.offer_from_server(s16, v)
+            for rx in rxs:
+                got, why = rx.wait(v, 300.0)
+                assert got is not None and got.checksum == s16.checksum(v), why
+            return got.nbytes, time.perf_counter() - t0
+
         publish(0)
+        while not members[0].status().member_id:  # registered before the first offer
+            time.sleep(0.05)
+        broadcast(0, members)  # forms the group
         held_x = c16.pull(0).held
         held_s = copy.deepcopy(held_x)
         for v in range(1, args.steps + 1):
@@ -186,6 +210,8 @@ def main() -> None:
                 rows[f"delta bf16 {enc}"].append((p.bytes_received, sec))
                 p, sec = timed_pull(c16, v, spare, encodings=(enc,))
                 rows[f"delta bf16 {enc} (cached)"].append((p.bytes_received, sec))
+            rows["collective bf16 (gloo, 1 member)"].append(broadcast(v, members))
+            bcast_s.append(sender.last_seconds)
             fractions.append(changed_fraction(prev, held_x))
             base = prev  # version v-1: the base N workers would hold, for the egress run below
             del full16
@@ -206,6 +232,17 @@ def main() -> None:
         s32._latest = s32._spare = None
         gc.collect()
         last = args.steps
+        # The collective to 4 members at once (a new group of 4; the first broadcast forms it).
+        members += [CollectiveReceiver(sender.address(), timeout_s=120.0) for _ in range(3)]
+        while not all(rx.status().member_id for rx in members):
+            time.sleep(0.05)
+        coll_rows = [("collective bf16 (gloo)", 1, *rows["collective bf16 (gloo, 1 member)"][-1], bcast_s[-1])]
+        for _ in range(2):  # the first forms the group of 4, the second is timed alone
+            nbytes, sec = broadcast(last, members)
+        coll_rows.append(("collective bf16 (gloo)", 4, nbytes, sec, sender.last_seconds))
+        for rx in members:
+            rx.close()
+        sender.close()
         egress_rows = []
         clients = [WeightClient(s16.address, token=TOKEN) for _ in range(4)]
         try:
@@ -236,6 +273,8 @@ def main() -> None:
     print_egress(egress_rows)
     print()
     print_relay_egress(relay_rows)
+    print()
+    print_collective(coll_rows)
     print()
     print_scaled(rows, n_params)
 
@@ -273,6 +312,14 @@ def print_relay_egress(relay_rows) -> None:
         assert len(set(kinds)) == 1, kinds
         print(f"{name:34s} {n:7d} {sent / 1e6:10.2f} {sent / one[name.removesuffix(' via 1 relay')]:10.2f} "
               f"{relay_sent / 1e6:9.2f} {sec:7.2f}", flush=True)
+
+
+def print_collective(coll_rows) -> None:
+    print(f"{'collective broadcast, last version':34s} {'members':>7s} {'MB/version':>10s} {'s to verified':>13s} "
+          f"{'s broadcast':>11s}")
+    for name, n, nbytes, sec, bsec in coll_rows:
+        shown = f"{bsec:11.2f}" if bsec else f"{'-':>11s}"
+        print(f"{name:34s} {n:7d} {nbytes / 1e6:10.2f} {sec:13.2f} {shown}", flush=True)
 
 
 def print_scaled(rows, n_params) -> None:

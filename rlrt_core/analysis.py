@@ -26,10 +26,10 @@ import random
 from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:  # torch is imported where a function runs: the CLI reads this module's
+    from torch import Tensor  # constants in every `rlrt` process (launcher, `serve verifier`)
 
 __all__ = [
     "ALPHA",
@@ -76,6 +76,8 @@ _MATH_STOP_FILE = Path(__file__).with_name("math_stopwords.txt")
 
 def _rows(name: str, t: Tensor) -> Tensor:
     """Validate a [..., V] row tensor and return it re-normalised as float64 log-probs."""
+    import torch
+    from torch import Tensor
     if not isinstance(t, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.ndim < 1 or t.shape[-1] < 1:
@@ -112,6 +114,8 @@ def top_positions(d_bar: Tensor, n: int) -> list[int]:
         d_bar: [T] position-level asymmetry D_bar_t = KL(P_S || P_T) (eq. 3).
         n: how many positions (fewer when T < n).
     """
+    import torch
+    from torch import Tensor
     if not isinstance(d_bar, Tensor) or d_bar.ndim != 1:
         raise ValueError(f"d_bar must be a [T] tensor, got {getattr(d_bar, 'shape', type(d_bar).__name__)}")
     if n < 0:
@@ -138,6 +142,7 @@ def critical_candidates(student_row: Tensor, teacher_row: Tensor, *, pool: int =
     Returns:
         {"explore": [...], "exploit": [...]}, each entry {"id", "p_student", "p_teacher", "d_hat"}.
     """
+    import torch
     _same_shape("student_row", student_row, "teacher_row", teacher_row)
     if student_row.ndim != 1:
         raise ValueError(f"rows must be [V] vectors, got shape {tuple(student_row.shape)}")
@@ -177,6 +182,7 @@ def extreme_tokens(student_rows: Tensor, teacher_rows: Tensor) -> tuple[Tensor, 
     Returns:
         (explore_ids [T], exploit_ids [T]) int64.
     """
+    import torch
     _same_shape("student_rows", student_rows, "teacher_rows", teacher_rows)
     ls, lt = _rows("student_rows", student_rows), _rows("teacher_rows", teacher_rows)
     both_zero = torch.isneginf(ls) & torch.isneginf(lt)
@@ -319,6 +325,8 @@ def injection_positions(d_bar: Tensor, rng: random.Random) -> dict[str, int]:
         d_bar: [T] D_bar_t over the positions eligible for injection (T >= 1).
         rng: the source of the random position (seeded by the caller).
     """
+    import torch
+    from torch import Tensor
     if not isinstance(d_bar, Tensor) or d_bar.ndim != 1 or d_bar.shape[0] < 1:
         raise ValueError(f"d_bar must be a non-empty [T] tensor, got {getattr(d_bar, 'shape', d_bar)!r}")
     if bool(torch.isnan(d_bar).any()):
@@ -380,6 +388,7 @@ def js_divergence(p_logprobs: Tensor, q_logprobs: Tensor) -> Tensor:
     Returns:
         [...] JS per row (float32 unless an input is float64), clamped to [0, ln 2].
     """
+    import torch
     _same_shape("p_logprobs", p_logprobs, "q_logprobs", q_logprobs)
     out_dtype = torch.float64 if torch.float64 in (p_logprobs.dtype, q_logprobs.dtype) else torch.float32
     with torch.no_grad():
@@ -399,6 +408,7 @@ def ccdf(values: Tensor, thresholds: Sequence[float] | Tensor) -> Tensor:
     Returns:
         [M] float64 fractions (NaN where N = 0).
     """
+    import torch
     v = values.detach().flatten().to(torch.float64)
     if bool(torch.isnan(v).any()):
         raise ValueError("values contain NaN")
@@ -419,6 +429,7 @@ def topk_overlap(p_logprobs: Tensor, q_logprobs: Tensor, ks: Sequence[int] = tup
     Returns:
         [..., len(ks)] float64 overlaps in [0, 1].
     """
+    import torch
     _same_shape("p_logprobs", p_logprobs, "q_logprobs", q_logprobs)
     ks = [int(k) for k in ks]
     V = p_logprobs.shape[-1]
@@ -446,6 +457,7 @@ def tail_promotion(base_prob_of_new_top1: Tensor, thresholds: Sequence[float] = 
     Returns:
         [M] float64 fractions (NaN where N = 0).
     """
+    import torch
     p = base_prob_of_new_top1.detach().flatten().to(torch.float64)
     th = torch.as_tensor(thresholds, dtype=torch.float64).flatten()
     if p.numel() == 0:
@@ -466,6 +478,7 @@ def shift_statistics(ft_rows: Tensor, base_rows: Tensor, *, js_high: float = JS_
         {"js": [N], "high": [N] bool, "overlap": [H, len(ks)] at high-divergence positions,
          "base_prob_of_new_top1": [H], "tail_fraction": [len(thresholds)]}.
     """
+    import torch
     if ft_rows.ndim != 2:
         raise ValueError(f"ft_rows must be [N, V], got shape {tuple(ft_rows.shape)}")
     js = js_divergence(ft_rows, base_rows).to(torch.float64)

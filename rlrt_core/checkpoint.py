@@ -23,10 +23,10 @@ import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import torch
-from safetensors.torch import load_file, save_file
+if TYPE_CHECKING:  # torch is imported by the functions that read or write tensors: the launcher
+    import torch  # only looks for the latest checkpoint and must not load it (~250 MB)
 
 LATEST = "latest"
 
@@ -40,6 +40,7 @@ class Checkpoint:
 
 
 def _optimizer_to_flat(opt_state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    import torch
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for idx, pstate in opt_state["state"].items():
@@ -65,6 +66,7 @@ def _optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
 
 
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    import torch
     tensors = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -74,6 +76,7 @@ def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 
 def _restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    import torch
     torch.set_rng_state(tensors["torch_cpu"])
     if torch.cuda.is_available():
         states = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
@@ -93,6 +96,8 @@ def save_checkpoint(root: str | os.PathLike[str], *, step: int, version: int, mo
     `write_files(tmp_dir)` adds files of its own first (every rank's optimizer shard; the
     directory must be on storage all ranks see). `before_commit()` runs after every file is on
     disk and before the rename (a test hook)."""
+    from safetensors.torch import save_file
+    import torch
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:06d}"
@@ -158,6 +163,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
                     restore_rng: bool = True) -> Checkpoint:
     """Load a checkpoint written by `save_checkpoint` into the given objects (in place)."""
+    from safetensors.torch import load_file
     path = Path(path)
     state = json.loads((path / "state.json").read_text())
     sd = load_file(str(path / "model.safetensors"))

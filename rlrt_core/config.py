@@ -95,13 +95,15 @@ class RolloutConfig(_Section):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_new_tokens: int = Field(256, ge=1)
     groups_per_batch: int = Field(4, ge=1, description="prompt groups sampled per engine call (streaming: false)")
-    # Off by default: on the torch engine on CPU the long-tailed SmolLM2 bench measured streaming
-    # slower per CPU-second (docs/BENCHMARKS.md); on where measured not slower (configs/tiny.yaml).
-    streaming: bool = Field(False, description="continuous batching: publish each group as soon as its K completions "
+    # On by default: on the long-tailed SmolLM2 bench streaming measured 1.41x batch-synchronous
+    # tokens per CPU-second with the torch engine and 1.35x wall with vLLM (docs/BENCHMARKS.md).
+    streaming: bool = Field(True, description="continuous batching: publish each group as soon as its K completions "
                             "end, refill free slots between decode steps, load new weights in flight (engines "
                             "without a streaming API fall back to batch-synchronous generate calls)")
-    max_inflight_groups: int | None = Field(None, ge=1, description="groups a streaming worker keeps in its engine "
-                                            "(None = groups_per_batch)")
+    max_inflight_groups: int | None = Field(None, ge=1, description="a streaming worker's engine row budget, in groups "
+                                            "(None = groups_per_batch): it admits a new group while the engine's "
+                                            "live rows + K <= max_inflight_groups x n_samples, so the finished "
+                                            "samples of a group waiting for its slowest one free their rows at once")
     # None = fresh OS entropy per batch. An int makes sampling reproducible per group: each
     # batch's seed (streaming: each group's) is derived from (seed, the group ids), so seeds
     # never repeat across workers or restarts (group ids are unique).
@@ -141,6 +143,9 @@ class LearnerConfig(_Section):
     weight_decay: float = Field(0.01, ge=0.0, le=1.0)
     grad_clip: float = Field(1.0, gt=0.0)
     betas: tuple[float, float] = (0.9, 0.999)
+    # AdamW's eps: a weight whose gradient is ~eps moves by ~lr x g / (|g| + eps), so rounding
+    # of near-zero gradients (cancelling sums) shows in the update at this scale.
+    adam_eps: float = Field(1e-8, gt=0.0, le=1.0)
     groups_per_step: int = Field(256, ge=1, description="question batch size per optimizer step")
     mini_batch_groups: int = Field(128, ge=1, description="PPO mini-batch size, in groups")
     micro_batch_size: int = Field(8, ge=1, description="sequences per forward/backward")
@@ -288,6 +293,16 @@ class TransportConfig(_Section):
     # The node this process runs on, for relay affinity (k8s: the pod's spec.nodeName);
     # None = the host name.
     weights_node: str | None = None
+    # The weights' data plane: "grpc" (pulls, above) or "collective": learner rank 0 also
+    # broadcasts every version through a torch.distributed group of the workers
+    # (rlrt_core/weights/collective.py); gRPC stays the control plane and the fallback.
+    weights_backend: Literal["grpc", "collective"] = "grpc"
+    # "auto" = nccl when the learner sees a CUDA device, else gloo; members use the learner's.
+    weights_collective_backend: Literal["auto", "gloo", "nccl"] = "auto"
+    weights_collective_timeout_s: float = Field(
+        60.0, gt=0.0, le=3600.0,
+        description="deadline of one collective broadcast chunk and of a group's rendezvous; how long a worker "
+                    "waits for an announced version to arrive by collective before pulling it over gRPC")
 
     @field_validator("weights_relay", mode="before")
     @classmethod
@@ -349,6 +364,25 @@ class LauncherConfig(_Section):
     # Weight relays (`rlrt serve relay`) to start beside the workers; > 0 also switches the
     # workers to them (transport.weights_relay: auto in the effective config).
     relays: int = Field(0, ge=0, le=16, description="weight relay processes the local launcher starts")
+    # Several torch processes share the box's cores, so each service gets one intra-op
+    # thread unless named here (OMP_NUM_THREADS of its process; an OMP_NUM_THREADS already in
+    # the launcher's environment is the default for the others). bench/pipeline.py --suite
+    # threads measures whether the bottleneck stage (the learner on the demo) gains from more.
+    threads: dict[str, int] = Field(
+        default_factory=dict, description="intra-op threads per service of the local launcher (default 1)")
+
+    @field_validator("threads")
+    @classmethod
+    def _threads_per_service(cls, v: dict[str, int]) -> dict[str, int]:
+        from rlrt_core.stages import SERVICES
+
+        unknown = sorted(set(v) - {*SERVICES, "relay"})
+        if unknown:
+            raise ValueError(f"unknown service(s) {unknown}; services: {sorted({*SERVICES, 'relay'})}")
+        bad = {k: n for k, n in v.items() if not 1 <= n <= 512}
+        if bad:
+            raise ValueError(f"threads per service must be 1..512, got {bad}")
+        return v
 
 
 class RayActorResources(_Section):
@@ -459,7 +493,7 @@ def check_paths(cfg: "RunConfig") -> None:
     """Check, at the start of a run or service, that the files the config names exist;
     raise ConfigError naming each field at fault. (Not part of validation itself, so a
     recipe for another machine can still be validated with `rlrt config --no-check-paths`.)"""
-    from rlrt_core.models import BUILTIN_MODELS
+    from rlrt_core.model_names import BUILTIN_MODELS  # not rlrt_core.models: that loads torch
 
     problems = []
     p = cfg.model.path

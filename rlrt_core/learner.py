@@ -118,7 +118,7 @@ def make_optimizer(model: torch.nn.Module, cfg: LearnerConfig) -> torch.optim.Op
         (no_decay if p.ndim < 2 else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=1e-8)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: LearnerConfig) -> torch.optim.lr_scheduler.LambdaLR:
@@ -345,6 +345,19 @@ class PolicyLearner:
         else:  # the loss does not shape advantages (SDPO): A broadcast, for diagnostics
             tok_adv = torch.where(mask, advantages[:, None].expand_as(behavior), torch.zeros_like(behavior))
 
+        # Rollouts the teacher scored: their student view (scored by the teacher service on the
+        # version it held) against this step's π_old is what D̂_t would change by if the learner
+        # formed it from its own π_old pass (rlrt/student_view_drift below).
+        scored = torch.tensor([s.teacher_logprobs is not None for s in samples], device=self.device)
+        drift = torch.zeros(2, dtype=torch.float64, device=self.device)  # [sum |Δ|, tokens]
+        track_drift = teacher_lp is not None and loss_spec.needs_old_logprobs and bool(scored.any())
+
+        def add_drift(old: torch.Tensor, rows: Any) -> None:  # old: [b, T] π_old of `rows`
+            sel = mask[rows] & scored[rows][:, None]
+            drift.add_(torch.stack([(old - student_lp[rows]).abs()[sel].sum().double(), sel.sum().double()]))
+
+        if track_drift and old_lp is not None:
+            add_drift(old_lp, slice(None))
         has_teacher = torch.tensor([s.support_ids is not None and s.teacher_support_logprobs is not None
                                     for s in samples], dtype=torch.bool, device=self.device)
         full = LossBatch(mask=mask, rewards=rewards, behavior_logprobs=behavior, token_advantages=tok_adv,
@@ -404,6 +417,8 @@ class PolicyLearner:
                                                   support_ids=micro.support_ids)
                     if detached_old:
                         micro.old_logprobs = lp.detach()
+                        if track_drift and not dummy:  # one update: one epoch, each row once
+                            add_drift(micro.old_logprobs, idx)
                     m = micro.mask
                     if not (bool(torch.isfinite(lp[m]).all())
                             and (micro.old_logprobs is None or bool(torch.isfinite(micro.old_logprobs[m]).all()))):
@@ -459,6 +474,9 @@ class PolicyLearner:
         if self.ranks[0] > 1:  # each rank saw its own micro-batches: merge their loss metrics
             from rlrt_core.distributed import merge_loss_metrics
 
+            if track_drift and detached_old:
+                torch.distributed.all_reduce(drift)
+
             agg, agg_max, agg_tokens = merge_loss_metrics(agg, agg_max, agg_tokens, device=self.device)
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
@@ -488,7 +506,10 @@ class PolicyLearner:
             "tokens/trained": float(mask.sum()),
             "time/step_s": time.perf_counter() - t0,
         })
-        scored = torch.tensor([s.teacher_logprobs is not None for s in samples], device=self.device)
+        if track_drift and float(drift[1]) > 0:
+            # mean |log π_old − log P_S(teacher service)| over scored tokens: staleness of the
+            # teacher's student view (0 when it scored the same weights; fp noise otherwise)
+            metrics["rlrt/student_view_drift"] = float(drift[0] / drift[1])
         if teacher_lp is not None and spec.weight is not None and bool(scored.any()):
             # Diagnostics over the rollouts the teacher actually scored (the others have D̂ = 0
             # by construction and would only dilute the signal).

@@ -41,12 +41,13 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from rlrt_core import heap
 from rlrt_core.checkpoint import latest_checkpoint
 from rlrt_core.config import RunConfig, check_in_flight_bound
 from rlrt_core.failpoints import failpoint
 from rlrt_core.learner import PolicyLearner, TrainGroup, train_group
 from rlrt_core.ledger import GroupLedger
-from rlrt_core.metrics import RateWindow
+from rlrt_core.metrics import RateWindow, read_metrics_rows  # noqa: F401 - re-exported
 from rlrt_core.proto import trajectory_pb2 as pb
 from rlrt_core.samples import SampleSource, SampleWriter, build_step_sample, sample_source
 from rlrt_core.stages import DISPATCH_STREAM, stage
@@ -114,17 +115,6 @@ def export_step(m: Any, row: dict[str, Any], lags: list[int], rate: RateWindow) 
     m.trained_tokens.inc(g("tokens/trained"))
     m.learner_tokens_per_second.set(rate.add(g("tokens/trained")))
     m.step_seconds.observe(g("time/step_s"))
-
-
-def read_metrics_rows(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a half-written last line of a killed learner
-                continue
-    return rows
 
 
 class LearnerLoop:
@@ -499,6 +489,11 @@ class LearnerLoop:
             requested = self._checkpoint_requested
         if (self.lc.checkpoint_every and new_step % self.lc.checkpoint_every == 0) or self.done or requested:
             self._checkpoint()
+        # The step's activations and gradients (and a checkpoint's copies) are free now; glibc
+        # keeps them in its heap unless asked (rlrt_core.heap): ~1 GB on the demo's model.
+        heap.trim()
+        rss, peak = heap.rss_mib()
+        log.info("memory after step %d: RSS %.0f MiB, peak %.0f MiB", new_step, rss, peak)
 
     def _sample_step(self, step: int, version: int, groups: list[TrainGroup]) -> None:
         """Write the step's sample when due; a sample is a diagnostic: a failure is logged, never

@@ -311,7 +311,4 @@ def follower_main(cfg: Any) -> int:
     except Exception:
         log.exception("rank %s: building the DeepSpeed engine failed", os.environ.get("RANK"))
         return 1
-    code = follow(learner)
-    if code == 0 and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    return code
+    return follow(learner)

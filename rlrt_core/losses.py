@@ -26,13 +26,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
-
-from rlrt_core import algorithms
 from rlrt_core.methods import correct_mask
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch is imported where a loss runs: config validation (launcher, verifier)
+    from torch import Tensor  # reads only the registry and must not load it (~250 MB per process)
+
     from rlrt_core.config import AlgorithmConfig
 
 __all__ = ["LossBatch", "LossFn", "LossSpec", "get_loss", "loss_names", "register_loss"]
@@ -75,12 +73,13 @@ class LossBatch:
 
     def rows(self, idx: list[int] | Tensor) -> "LossBatch":
         """The sub-batch of rows `idx` (every tensor field sliced on dim 0)."""
+        import torch
         index = torch.as_tensor(idx, dtype=torch.long, device=self.mask.device)
         return dataclasses.replace(self, **{f.name: getattr(self, f.name)[index] for f in dataclasses.fields(self)
                                             if getattr(self, f.name) is not None})
 
 
-LossFn = Callable[[LossBatch, "AlgorithmConfig"], tuple[Tensor, dict[str, float]]]
+LossFn = Callable[[LossBatch, "AlgorithmConfig"], "tuple[Tensor, dict[str, float]]"]
 
 
 @dataclass(frozen=True)
@@ -137,6 +136,7 @@ def loss_names() -> tuple[str, ...]:
 def ppo_loss(batch: LossBatch, cfg: "AlgorithmConfig") -> tuple[Tensor, dict[str, float]]:
     """`algorithms.policy_loss` on the shaped token advantages (token mean over the mask),
     minus entropy_coef x token-mean entropy when the coefficient is > 0 (GRPO + EB)."""
+    from rlrt_core import algorithms
     assert batch.logprobs is not None and batch.old_logprobs is not None
     return algorithms.policy_loss(
         batch.logprobs, batch.old_logprobs, batch.token_advantages, batch.mask, eps_low=cfg.eps_low,
@@ -155,6 +155,8 @@ def _distill_terms(batch: LossBatch, cfg: "AlgorithmConfig", rows: Tensor) -> tu
         l_t = D_alpha(P_S || P_T on the support)_t * sg(min(pi_theta(y_t) / pi_behaviour(y_t), is_clip))
 
     as the SDPO reference (lasgroup/SDPO `compute_self_distillation_loss`, is_clip = 2)."""
+    import torch
+    from rlrt_core import algorithms
     assert batch.support_logprobs is not None and batch.teacher_support_logprobs is not None
     assert batch.logprobs is not None
     tokens = batch.mask & rows[:, None]
@@ -176,6 +178,7 @@ def _distill_terms(batch: LossBatch, cfg: "AlgorithmConfig", rows: Tensor) -> tu
 
 
 def _token_mean(x: Tensor, where: Tensor) -> float:
+    import torch
     n = int(where.sum())
     return float(torch.where(where, x.detach(), torch.zeros_like(x)).sum()) / n if n else 0.0
 
@@ -202,6 +205,7 @@ def sdpo_loss(batch: LossBatch, cfg: "AlgorithmConfig") -> tuple[Tensor, dict[st
     teacher never needs the learner's weights; the student side at those ids is recomputed with
     gradient. The IS weight is pi_theta / pi_behaviour (the reference uses pi_old, equal to the
     behaviour policy on-policy), so SDPO needs no pi_old pass."""
+    import torch
     assert batch.has_teacher is not None and batch.loss_mask is not None
     per_token, ratio, tokens = _distill_terms(batch, cfg, batch.has_teacher)
     n = int(tokens.sum())
@@ -228,6 +232,7 @@ def _srpo_prepare(batch: LossBatch, cfg: "AlgorithmConfig") -> LossBatch:
     """Entropy-aware weights over the mini-batch's SDPO tokens Omega (SRPO sec. 3.2):
     w~_t = exp(-beta H_t), w_t = w~_t / mean_Omega(w~); every valid token counts in the
     denominator (sec. 3.3: the union of both branches' tokens)."""
+    import torch
     sdpo_tokens = batch.mask & _srpo_routes(batch)[:, None]
     weight = torch.ones_like(batch.behavior_logprobs)
     if bool(sdpo_tokens.any()):
@@ -251,6 +256,7 @@ def srpo_loss(batch: LossBatch, cfg: "AlgorithmConfig") -> tuple[Tensor, dict[st
     l^GRPO is the PPO clip-higher + truncated-IS token loss on the (unshaped) GRPO advantage,
     l^SDPO the SDPO token loss of `sdpo_loss`; beta = srpo_beta (the RLRT paper sweeps
     {0, 0.5, 1}; SRPO's own default is 1). The weights come from `_srpo_prepare`."""
+    from rlrt_core import algorithms
     assert batch.token_weight is not None and batch.logprobs is not None and batch.old_logprobs is not None
     to_sdpo = _srpo_routes(batch)
     grpo_mask = batch.mask & ~to_sdpo[:, None]

@@ -45,10 +45,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, overload
+from typing import TYPE_CHECKING, Literal, overload
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:  # torch is imported where a weight is computed: config validation
+    from torch import Tensor  # (launcher, verifier) must not load it (~250 MB per process)
 
 __all__ = [
     "CORRECT_REWARD",
@@ -67,7 +67,7 @@ __all__ = [
 # A rollout is correct when its verifiable reward reaches this value (R in {0, 1}, sec. 3).
 CORRECT_REWARD = 1.0
 
-WeightFn = Callable[[Tensor, Tensor, Tensor, "Tensor | None"], tuple[Tensor, Tensor]]
+WeightFn = Callable[["Tensor", "Tensor", "Tensor", "Tensor | None"], "tuple[Tensor, Tensor]"]
 TeacherScores = Literal["none", "correct", "failed", "all"]
 ScoreGroups = Literal["mixed", "has_success", "all"]
 Context = Literal["solution", "peer", "solution_or_peer"]
@@ -251,11 +251,15 @@ def rollouts_to_score(spec: MethodSpec, rewards: Sequence[float]) -> list[int]:
 
 def grpo_weight(advantages: Tensor, rewards: Tensor, student: Tensor, teacher: Tensor | None):
     """GRPO (DAPO recipe): w_t = 1, nothing gated."""
+    import torch
+
     return torch.ones_like(student), torch.zeros_like(rewards, dtype=torch.bool)
 
 
 def rlsd_weight(advantages: Tensor, rewards: Tensor, student: Tensor, teacher: Tensor | None):
     """RLSD, eq. 2: w_t = exp(sign(A) * (log P_T - log P_S)) on all rollouts."""
+    import torch
+
     assert teacher is not None
     delta = teacher - student  # Delta_t = -D_hat_t
     return torch.exp(torch.sign(advantages)[:, None] * delta), torch.ones_like(rewards, dtype=torch.bool)
@@ -263,6 +267,8 @@ def rlsd_weight(advantages: Tensor, rewards: Tensor, student: Tensor, teacher: T
 
 def rlrt_weight(advantages: Tensor, rewards: Tensor, student: Tensor, teacher: Tensor | None):
     """RLRT, eqs. 6-7: w_t = exp(sign(A) * D_hat_t), applied only on correct rollouts."""
+    import torch
+
     assert teacher is not None
     d_hat = student - teacher
     return torch.exp(torch.sign(advantages)[:, None] * d_hat), correct_mask(rewards)
@@ -270,6 +276,8 @@ def rlrt_weight(advantages: Tensor, rewards: Tensor, student: Tensor, teacher: T
 
 def rlrt_all_weight(advantages: Tensor, rewards: Tensor, student: Tensor, teacher: Tensor | None):
     """RLRT without the reward gate (ablation, sec. 6.5): RLRT's weight on all rollouts."""
+    import torch
+
     weight, _ = rlrt_weight(advantages, rewards, student, teacher)
     return weight, torch.ones_like(rewards, dtype=torch.bool)
 

@@ -19,6 +19,7 @@ one service in its own `CollectorRegistry` (so a test or a process can hold seve
 from __future__ import annotations
 
 import collections
+import json
 import importlib.metadata
 import time
 from dataclasses import dataclass
@@ -82,6 +83,8 @@ def _h(attr: str, name: str, unit: str, services: tuple[str, ...], help: str, bu
     return MetricSpec(attr, name, "histogram", unit, services, help, buckets=tuple(buckets), **kw)
 
 
+COLLECTIVE_FALLBACKS = ("no_sender", "not_member", "timeout", "broken", "checksum", "unverified", "apply")
+
 R, V, T, L, Y = ("rollout",), ("verifier",), ("teacher",), ("learner",), ("relay",)
 
 METRICS: tuple[MetricSpec, ...] = (
@@ -133,6 +136,14 @@ METRICS: tuple[MetricSpec, ...] = (
        "Weight relays passed over for a version, by reason: unavailable (gone or failed mid-pull), "
        "behind (did not hold the version within transport.weights_relay_wait_s).",
        label="reason", label_values=("unavailable", "behind")),
+    _c("weight_collective_versions", "rlrt_rollout_weight_collective_versions_total", "versions", R,
+       "Weight versions loaded from the collective data plane (transport.weights_backend: collective)."),
+    _c("weight_collective_fallbacks", "rlrt_rollout_weight_collective_fallbacks_total", "", R,
+       "Versions that came over gRPC instead of the collective, by reason: no_sender, not_member (not in a "
+       "live group yet), timeout, broken (the broadcast failed), checksum (bytes or checksum differ from the "
+       "weight server's), unverified (the weight server could not be asked), apply (the engine refused the "
+       "staged version).",
+       label="reason", label_values=COLLECTIVE_FALLBACKS),
     _h("generate_seconds", "rlrt_rollout_generate_seconds", "seconds", R,
        "Wall time of one engine generate call (a batch of prompt groups); streaming: of one group, "
        "from admission to its last token."),
@@ -186,6 +197,14 @@ METRICS: tuple[MetricSpec, ...] = (
        "Weight relays passed over for a version, by reason: unavailable (gone or failed mid-pull), "
        "behind (did not hold the version within transport.weights_relay_wait_s).",
        label="reason", label_values=("unavailable", "behind")),
+    _c("weight_collective_versions", "rlrt_teacher_weight_collective_versions_total", "versions", T,
+       "Weight versions loaded from the collective data plane (transport.weights_backend: collective)."),
+    _c("weight_collective_fallbacks", "rlrt_teacher_weight_collective_fallbacks_total", "", T,
+       "Versions that came over gRPC instead of the collective, by reason: no_sender, not_member (not in a "
+       "live group yet), timeout, broken (the broadcast failed), checksum (bytes or checksum differ from the "
+       "weight server's), unverified (the weight server could not be asked), apply (the engine refused the "
+       "staged version).",
+       label="reason", label_values=COLLECTIVE_FALLBACKS),
     _h("score_seconds", "rlrt_teacher_score_seconds", "seconds", T,
        "Wall time to score one batch of rollout groups under both views."),
     # -- learner -------------------------------------------------------------------------
@@ -233,6 +252,14 @@ METRICS: tuple[MetricSpec, ...] = (
        "Wall time of one optimizer step (forward, backward, update), excluding the data wait."),
     _h("weight_publish_seconds", "rlrt_learner_weight_publish_seconds", "seconds", L,
        "Time to publish a new weight version to the WeightService."),
+    _h("collective_broadcast_seconds", "rlrt_learner_collective_broadcast_seconds", "seconds", L,
+       "Time to broadcast one weight version to the collective group (transport.weights_backend: collective)."),
+    _c("collective_sent_bytes", "rlrt_learner_collective_sent_bytes_total", "bytes", L,
+       "Weight bytes broadcast to the collective group (once per version, whatever the number of members)."),
+    _g("collective_members", "rlrt_learner_collective_members", "", L,
+       "Rollout workers and teacher scorers in the current collective group."),
+    _c("collective_failures", "rlrt_learner_collective_failures_total", "", L,
+       "Collective broadcasts or group rendezvous that failed (a member died or timed out); the group re-forms."),
     _h("checkpoint_seconds", "rlrt_learner_checkpoint_seconds", "seconds", L, "Time to write one checkpoint."),
     # -- relay -------------------------------------------------------------------------
     _g("relay_weight_version", "rlrt_relay_weight_version", "", Y,
@@ -400,6 +427,8 @@ class RolloutMetrics(PipelineMetrics):
     weight_received_bytes: Counter
     weight_source_pulls: LabelledMetric
     weight_source_fallbacks: LabelledMetric
+    weight_collective_versions: Counter
+    weight_collective_fallbacks: LabelledMetric
     generate_seconds: Histogram
     engine_busy_seconds: Counter
     engine_busy: Gauge
@@ -427,6 +456,8 @@ class TeacherMetrics(PipelineMetrics):
     weight_received_bytes: Counter
     weight_source_pulls: LabelledMetric
     weight_source_fallbacks: LabelledMetric
+    weight_collective_versions: Counter
+    weight_collective_fallbacks: LabelledMetric
     score_seconds: Histogram
 
 
@@ -456,6 +487,10 @@ class LearnerMetrics(PipelineMetrics):
     data_wait_seconds: Histogram
     step_seconds: Histogram
     weight_publish_seconds: Histogram
+    collective_broadcast_seconds: Histogram
+    collective_sent_bytes: Counter
+    collective_members: Gauge
+    collective_failures: Counter
     checkpoint_seconds: Histogram
 
 
@@ -501,6 +536,20 @@ def service_metrics(service: str, run: str, worker: str, registry: CollectorRegi
     service or an empty run/worker name."""
     _check_service(service)
     return METRICS_CLASSES[service](service, run, worker, registry)
+
+
+def read_metrics_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a learner's metrics.jsonl (none when the file is missing); a half-written
+    last line (a killed learner) is skipped. Here, not in the learner loop, because the
+    launcher's progress view reads it every tick and must not import torch."""
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
 
 
 class RateWindow:

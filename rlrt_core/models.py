@@ -38,9 +38,7 @@ from transformers.utils import logging as _hf_logging  # noqa: E402
 # Conversion and loading run inside services: no progress bars in their logs.
 _hf_logging.disable_progress_bar()
 
-SMOLLM2_NAME = "smollm2-135m-instruct"
-TINY_NAME = "tiny"
-BUILTIN_MODELS = (SMOLLM2_NAME, TINY_NAME)
+from rlrt_core.model_names import BUILTIN_MODELS, SMOLLM2_NAME, TINY_NAME  # noqa: E402,F401
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _COMPLETE = "rlrt-model.json"  # written last inside the temp dir; its presence marks a finished conversion
 

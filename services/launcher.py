@@ -124,7 +124,7 @@ class LocalRun:
         if cfg.launcher.relays:
             cfg.transport.weights_relay = "auto"  # the relays started below serve the workers
         if not cfg.transport.weights_token and not cfg.transport.weights_token_file:
-            from rlrt_core.weights.server import ensure_token_file
+            from rlrt_core.weights.records import ensure_token_file
 
             # One random shared secret for the learner's weight service and its clients.
             token_file = self.run_dir / "weights.token"
@@ -142,22 +142,28 @@ class LocalRun:
         env.update(self.extra_env)
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
-        # Several torch processes share the cores: one thread each avoids oversubscription.
+        # Several torch processes share the cores: one thread each avoids oversubscription,
+        # except where launcher.threads gives a service more.
         env.setdefault("OMP_NUM_THREADS", "1")
         env["PYTHONUNBUFFERED"] = "1"
+
+        def env_of(service: str) -> dict[str, str]:
+            n = cfg.launcher.threads.get(service)
+            return env if n is None else dict(env, OMP_NUM_THREADS=str(n))
+
         py = sys.executable
         plan = [("learner", "learner-0"), ("verifier", "verifier-0"), ("teacher", "teacher-0")]
         plan += [("rollout", f"rollout-{i}") for i in range(self.n_rollout)]
         for service, worker in plan:
             cmd = [py, "-m", "services.cli.main", "serve", service, "--config", str(cfg_file), "--worker", worker]
-            self.children.append(Child(service, worker, cmd, env, self.run_dir / "logs" / f"{worker}.log"))
+            self.children.append(Child(service, worker, cmd, env_of(service), self.run_dir / "logs" / f"{worker}.log"))
         (self.run_dir / "plan.json").write_text(json.dumps([{"service": s, "worker": w} for s, w in plan]))
         # Relays are not pipeline stages: supervised and restarted like workers, left out of
         # plan.json (a run without them is complete); they announce their admin app like the rest.
         for i in range(cfg.launcher.relays):
             worker = f"relay-{i}"
             cmd = [py, "-m", "services.cli.main", "serve", "relay", "--config", str(cfg_file), "--worker", worker]
-            self.children.append(Child("relay", worker, cmd, env, self.run_dir / "logs" / f"{worker}.log"))
+            self.children.append(Child("relay", worker, cmd, env_of("relay"), self.run_dir / "logs" / f"{worker}.log"))
 
     # -- running -----------------------------------------------------------------------
     def start(self) -> None:
@@ -245,7 +251,7 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """The rows of `metrics.jsonl`, one per learner step in step order (a step written twice
     by a learner that died before its checkpoint counts once: the last row wins); tolerant of
     a half-written last line."""
-    from rlrt_core.learner_loop import read_metrics_rows
+    from rlrt_core.metrics import read_metrics_rows  # not learner_loop: that imports torch
 
     by_step: dict[Any, dict[str, Any]] = {}
     for row in read_metrics_rows(Path(run_dir) / "metrics.jsonl"):

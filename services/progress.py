@@ -40,7 +40,7 @@ def _redis_services(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str,
     ([], []) when it cannot be reached."""
     try:
         from rlrt_core.config import load_config
-        from rlrt_core.weights.relay import live_relays
+        from rlrt_core.weights.records import live_relays
         from services.common.runtime import read_services
 
         cfg = load_config(run_dir / "config.yaml", use_env=False)

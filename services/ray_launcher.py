@@ -55,6 +55,56 @@ def service_env(base: dict[str, str]) -> dict[str, str]:
     return env
 
 
+LOCAL_INIT_ATTEMPTS = 3
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live descendant of `pid`, from /proc (empty where /proc is not there)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            # /proc/<pid>/stat: "pid (comm) state ppid ..."; comm may hold spaces, so split after ')'.
+            ppid = int(entry.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    out: set[int] = set()
+    todo = [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
+
+
+def _init_local_ray(num_cpus: int, kw: dict[str, Any]) -> None:
+    """Start a local Ray cluster, retrying a start that timed out.
+
+    Ray gives its raylet a fixed 30 s to register with the GCS; on a loaded 2-core box that
+    start has failed once in CI. The failed attempt's GCS and raylet are left running by
+    `ray.init` (it raises before it records the node), so they are killed before the retry."""
+    import ray
+
+    for attempt in range(1, LOCAL_INIT_ATTEMPTS + 1):
+        before = _descendants(os.getpid())
+        try:
+            ray.init(num_cpus=num_cpus, **kw)
+            return
+        except Exception as e:  # ray raises a bare Exception for this timeout
+            if "timed out during startup" not in str(e) or attempt == LOCAL_INIT_ATTEMPTS:
+                raise
+            leftovers = _descendants(os.getpid()) - before
+            log.warning("local Ray cluster did not start (attempt %d/%d: %s); killing its %d "
+                        "processes and starting again", attempt, LOCAL_INIT_ATTEMPTS, e, len(leftovers))
+            for pid in leftovers:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            ray.shutdown()
+
+
 class ServiceProcess:
     """The body of a service actor: one `rlrt serve` subprocess plus a watcher that ends this
     process when the service fails (Ray then restarts the actor)."""
@@ -171,7 +221,7 @@ class RayRun:
             need = sum(self._resources(s)[0] for s, _ in self.plan())
             need += self.cfg.ray.relay.num_cpus if self.cfg.ray.relay_per_node else 0.0  # one node
             num_cpus = self.local_num_cpus or max(os.cpu_count() or 1, int(need + 0.999))
-            ray.init(num_cpus=num_cpus, **kw)
+            _init_local_ray(num_cpus, kw)
         self._started_ray = True
 
     def _redis_url(self, multi_node: bool) -> str:
@@ -203,7 +253,7 @@ class RayRun:
         cfg.transport.redis_url = self._redis_url(multi_node=len(alive) > 1)
         cfg.metrics.run_dir = str(self.run_dir)
         if not cfg.transport.weights_token and not cfg.transport.weights_token_file:
-            from rlrt_core.weights.server import ensure_token_file
+            from rlrt_core.weights.records import ensure_token_file
 
             token_file = self.run_dir / "weights.token"
             ensure_token_file(token_file)

@@ -38,6 +38,10 @@ def test_out_of_range_named():
         build_config({"rollout": {"n_samples": 0}}, use_env=False)
     with pytest.raises(ConfigError, match=r"algorithm\.method"):
         build_config({"algorithm": {"method": "ppo"}}, use_env=False)
+    with pytest.raises(ConfigError, match=r"launcher\.threads"):
+        build_config({"launcher": {"threads": {"learner": 0}}}, use_env=False)
+    with pytest.raises(ConfigError, match=r"launcher\.threads"):
+        build_config({"launcher": {"threads": {"trainer": 2}}}, use_env=False)
 
 
 def test_cross_field_rules():

@@ -230,3 +230,63 @@ def test_dashboard_queries_only_metrics_live_services_expose(tmp_path):
     assert wanted, "the dashboard queries no metric"
     missing = sorted(wanted - exposed)
     assert not missing, f"dashboard queries metrics no live service exposes: {missing}"
+
+
+def _scrape_values(text: str) -> dict[tuple[str, str], float]:
+    """(sample name, the one non-constant label value or "") -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[tuple[str, str], float] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            extra = [v for k, v in s.labels.items() if k not in ("service", "run", "worker")]
+            out[(s.name, extra[0] if extra else "")] = s.value
+    return out
+
+
+def test_collective_weights_end_to_end(tmp_path):
+    """`transport.weights_backend: collective`: the learner broadcasts every version over gloo
+    to the rollout worker and the teacher; they load versions from it (counted), the gRPC
+    fallbacks are counted by reason, and the run accounts for every group."""
+    import httpx
+
+    cfg = _cfg(tmp_path, learner={"total_steps": 5},
+               transport={"weights_backend": "collective", "weights_collective_timeout_s": 30})
+    run = LocalRun(cfg, n_rollout=1, restart_crashed=False)
+    last: dict[str, dict] = {}
+    seen_members = [0.0]
+
+    def scrape(r: LocalRun) -> None:
+        for p in (r.run_dir / "services").glob("*.json"):
+            try:
+                ep = json.loads(p.read_text())
+                vals = _scrape_values(httpx.get(f"http://127.0.0.1:{ep['admin_port']}/metrics", timeout=2).text)
+            except Exception:  # a service starting or ending
+                continue
+            last[ep["service"]] = vals
+            seen_members[0] = max(seen_members[0], vals.get(("rlrt_learner_collective_members", ""), 0.0))
+
+    with run:
+        rc = run.wait(on_tick=scrape, tick_s=0.5, timeout_s=420)
+    assert rc == 0, (run.run_dir / "logs" / "learner-0.log").read_text()[-3000:]
+    rows = read_metrics(run.run_dir)
+    assert [r["version"] for r in rows] == [1, 2, 3, 4, 5]
+    learner = last["learner"]
+    assert learner[("rlrt_learner_collective_sent_bytes_total", "")] > 0
+    assert learner[("rlrt_learner_collective_broadcast_seconds_count", "")] >= 1
+    assert seen_members[0] == 2  # the rollout worker and the teacher
+    for svc in ("rollout", "teacher"):
+        m = last[svc]
+        assert m[(f"rlrt_{svc}_weight_collective_versions_total", "")] > 0, svc
+        # Every worker's first version comes over gRPC: it joins the group after it. Every gRPC
+        # load follows a counted fallback (more fallbacks than loads: at the end of the run a
+        # worker may hold a broadcast version the stopped learner can no longer confirm).
+        grpc_loads = sum(m[(f"rlrt_{svc}_weight_pulls_total", k)] for k in ("full", "delta", "fallback"))
+        fallbacks = sum(v for (n, _), v in m.items() if n == f"rlrt_{svc}_weight_collective_fallbacks_total")
+        assert m[(f"rlrt_{svc}_weight_collective_fallbacks_total", "not_member")] >= 1, svc
+        assert grpc_loads >= 1 and fallbacks >= grpc_loads, svc
+    # Every version a worker loaded is one the learner published (sha256-checked on the way in).
+    text = (run.run_dir / "logs" / "rollout-0.log").read_text()
+    loaded = [int(v) for v in re.findall(r"loaded weight version (\d+) from the collective", text)]
+    assert loaded and set(loaded) <= set(range(0, 6)) and loaded == sorted(loaded)
+    _check_accounting(cfg, run.run_dir)

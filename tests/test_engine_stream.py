@@ -77,7 +77,7 @@ def test_slots_are_refilled_and_groups_finish_independently(engine):
     stream = engine.start_stream()
     stream.add("long", PROMPTS[1], SamplingParams(n=2, max_new_tokens=40, seed=2))  # rows of 40 tokens
     stream.add("short", PROMPTS[0], SamplingParams(n=3, max_new_tokens=2, seed=1))
-    assert stream.groups == 2 and stream.rows == 0  # queued until the next step
+    assert stream.groups == 2 and stream.rows == 5  # queued until the next step; their rows count for admission
     added = {"long": 0, "short": 0}
     finished, rows, widths = {}, [], []
     step = 0
@@ -88,7 +88,7 @@ def test_slots_are_refilled_and_groups_finish_independently(engine):
         for f in stream.step():
             finished[f.key] = (step, f.result)
         rows.append(stream.rows)
-        widths.append(stream._attn.shape[1] if stream.rows else 0)
+        widths.append(stream.cache_width)
         step += 1
     assert sorted(finished) == ["long", "refill", "short"]
     for key, (at, res) in finished.items():
@@ -97,10 +97,11 @@ def test_slots_are_refilled_and_groups_finish_independently(engine):
     assert max(len(c.token_ids) for c in finished["long"][1].completions) == 40
     assert finished["short"][0] < finished["refill"][0] < finished["long"][0] == 39
     assert rows[0] == 5 and rows[3] >= 2 + 1 and rows[-1] == 0  # the refill's rows joined at step 3
-    # columns that only finished rows used are trimmed: while "long" decodes alone (after the
-    # refill ended), the cache is exactly as wide as its rows
+    # a decode step attends over the longest live row's tokens plus its pending one, never more:
+    # while "long" decodes alone (after the refill ended) that is exactly its own length
     after_refill = range(finished["refill"][0] + 1, finished["long"][0])
-    assert all(widths[s] == len(PROMPTS[1]) + s for s in after_refill)
+    assert all(widths[s] == len(PROMPTS[1]) + s + 1 for s in after_refill)
+    assert widths[-1] == 0
 
 
 def test_inflight_weight_update_keeps_behaviour_logprobs_exact(engine, base_state):
@@ -170,3 +171,36 @@ def test_abort_and_bad_requests(engine):
     stream.add("d", PROMPTS[2], SamplingParams(n=1, max_new_tokens=3, seed=4))
     done, _ = _run(stream, {})
     assert list(done) == ["d"] and 1 <= len(done["d"].completions[0].token_ids) <= 3
+
+
+def test_row_budget_admits_a_group_while_earlier_groups_wait_for_their_slowest_sample(engine):
+    """The rollout worker's admission rule: a budget of G x K rows, a new group admitted as soon
+    as K rows are free. Samples that ended free their rows while their group waits for its slowest
+    one, so a third group joins while both earlier groups are still in flight (a group budget of
+    G = 2 would have waited), and every group still yields generate([prompt], seed)'s completions."""
+    K, budget = 4, 8
+    sps = [SamplingParams(n=K, max_new_tokens=40, seed=200 + i) for i in range(len(PROMPTS))]
+    todo = list(range(len(PROMPTS)))
+    stream = engine.start_stream()
+    done, inflight, early, rows = {}, set(), [], []
+    while todo or inflight:
+        while todo and stream.rows + K <= budget:
+            k = todo.pop(0)
+            if len(inflight) >= budget // K:  # more groups than a group budget allows
+                early.append((k, sorted(inflight)))
+            stream.add(k, PROMPTS[k], sps[k])
+            inflight.add(k)
+        rows.append(stream.rows)
+        for f in stream.step():
+            done[f.key] = f.result
+            inflight.discard(f.key)
+    assert sorted(done) == list(range(len(PROMPTS))) and stream.rows == 0
+    assert max(rows) <= budget
+    assert early, "no group was admitted before the earlier groups finished"
+    for k, p in enumerate(PROMPTS):
+        ref = engine.generate([p], sps[k])[0]
+        assert [c.token_ids for c in done[k].completions] == [c.token_ids for c in ref.completions], k
+        for c, r in zip(done[k].completions, ref.completions):
+            torch.testing.assert_close(torch.tensor(c.logprobs), torch.tensor(r.logprobs), atol=1e-5, rtol=0)
+    # rows of a finished sample were reused: the groups' samples differ in length within a group
+    assert any(len({len(c.token_ids) for c in r.completions}) > 1 for r in done.values())

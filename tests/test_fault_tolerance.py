@@ -366,6 +366,23 @@ def test_local_launcher_picks_no_ports(tmp_path):
         ["learner-0", "verifier-0", "teacher-0", "rollout-0"]
 
 
+def test_local_launcher_threads_per_service(tmp_path, monkeypatch):
+    from services.launcher import LocalRun
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cfg = _cfg(metrics={"run_dir": str(tmp_path / "run")}, launcher={"threads": {"learner": 2}, "relays": 1})
+    run = LocalRun(cfg)
+    run.prepare()
+    threads = {c.worker: c.env["OMP_NUM_THREADS"] for c in run.children}
+    assert threads == {"learner-0": "2", "verifier-0": "1", "teacher-0": "1", "rollout-0": "1", "relay-0": "1"}
+    # an OMP_NUM_THREADS of the launcher's own environment is the default for the others
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    run = LocalRun(_cfg(metrics={"run_dir": str(tmp_path / "run2")}, launcher={"threads": {"rollout": 1}}))
+    run.prepare()
+    assert {c.worker: c.env["OMP_NUM_THREADS"] for c in run.children} == \
+        {"learner-0": "3", "verifier-0": "3", "teacher-0": "3", "rollout-0": "1"}
+
+
 def test_version_waits_have_a_deadline_and_say_what_they_wait_for():
     from services.common.weight_sync import VersionWaitTimeout, WeightSync
 

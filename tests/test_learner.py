@@ -164,3 +164,24 @@ def test_several_updates_keep_the_separate_pi_old_pass(tiny_path):
     learner._old_logprobs = lambda *a: calls.append(1) or orig(*a)
     res = learner.step(_groups(learner))
     assert calls == [1] and res.applied_updates == 2
+
+
+@pytest.mark.parametrize("one_update", [True, False])
+def test_student_view_drift_measures_the_teacher_views_staleness(tiny_path, one_update):
+    """rlrt/student_view_drift = mean |log π_old − student view| over scored tokens: ~0 when the
+    teacher scored the student view on the learner's weights, the offset when it did not; from
+    the training forward (one update) and from the separate π_old pass alike."""
+    for shift, want in ((0.0, 0.0), (0.25, 0.25)):
+        learner = _learner(tiny_path)
+        if not one_update:
+            learner._one_update = lambda n: False
+        groups = _groups(learner)
+        for s in groups[0].samples:  # one group's student view came from other weights
+            s.student_logprobs = [x + shift for x in s.student_logprobs]
+        for s in groups[1].samples:  # a group the teacher did not score does not count
+            s.student_logprobs = [x - 5.0 for x in s.student_logprobs]
+            s.teacher_logprobs = None
+        got = learner.step(groups).metrics["rlrt/student_view_drift"]
+        assert got == pytest.approx(want, abs=1e-5)
+    grpo = _learner(tiny_path, method="grpo")
+    assert "rlrt/student_view_drift" not in grpo.step(_groups(grpo)).metrics

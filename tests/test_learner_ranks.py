@@ -63,8 +63,11 @@ def _config(tmp_path: Path, stage: int, total_steps: int, checkpoint_every: int)
                 transport={"redis_url": REDIS_URL, "weights_port": 0, "weights_host": "127.0.0.1",
                                                     "weights_token": "ranks-test-token"})
     data["rollout"]["n_samples"] = 4
-    # 2 groups x 4 samples per mini-batch, micro-batches of 2: 4 micro-batches, 2 per rank
-    data["learner"].update(lr=1e-3, warmup_steps=1, groups_per_step=2, mini_batch_groups=2, micro_batch_size=2,
+    # 2 groups x 4 samples per mini-batch, micro-batches of 2: 4 micro-batches, 2 per rank.
+    # adam_eps 1e-6: see test_deepspeed_learner._cfg (near-zero gradients under eps 1e-8 make the
+    # 2e-5 comparison depend on the CPU's summation order).
+    data["learner"].update(lr=1e-3, adam_eps=1e-6, warmup_steps=1, groups_per_step=2, mini_batch_groups=2,
+                           micro_batch_size=2,
                            total_steps=total_steps, checkpoint_every=checkpoint_every, max_staleness=0,
                            dist_timeout_s=60, deepspeed={"zero_optimization": {"stage": stage}})
     path = tmp_path / "config.yaml"
@@ -170,7 +173,8 @@ def _plain_replay(rows: list[dict], sent: dict) -> dict[str, torch.Tensor]:
     from rlrt_core.models import load_model
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides={"learner": {
-        "lr": 1e-3, "warmup_steps": 1, "groups_per_step": 2, "mini_batch_groups": 2, "micro_batch_size": 2}},
+        "lr": 1e-3, "adam_eps": 1e-6, "warmup_steps": 1, "groups_per_step": 2, "mini_batch_groups": 2,
+        "micro_batch_size": 2}},
         use_env=False)
     torch.manual_seed(cfg.learner.seed)
     learner = PolicyLearner(load_model("tiny"), cfg.learner, cfg.algorithm, temperature=cfg.rollout.temperature)

@@ -153,3 +153,69 @@ def test_ray_relay_per_node_serves_the_workers_of_its_node(tmp_path):
     # yet due for (it takes the newest when it loads), so under load the relay may pull
     # versions nobody asks it for (a clean-clone CI run saw 146 MB out, 182 MB in).
     assert rel.bytes_sent > 0
+
+
+def test_local_ray_start_that_timed_out_is_retried_and_its_processes_killed(monkeypatch):
+    """Ray gives its raylet a fixed 30 s to register; a start that times out on a loaded box
+    leaves its GCS and raylet running. The launcher kills what the failed attempt started and
+    starts a real local cluster again."""
+    import ray
+
+    from services import ray_launcher
+
+    real_init = ray.init
+    started: list[subprocess.Popen] = []
+
+    def first_attempt_times_out(*args, **kw):
+        if not started:
+            # Stands for the GCS/raylet a timed-out start leaves behind: a real child process.
+            started.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]))
+            raise Exception("The current node timed out during startup. This could happen because "
+                            "some of the raylet failed to startup or the GCS has become overloaded.")
+        return real_init(*args, **kw)
+
+    monkeypatch.setattr(ray, "init", first_attempt_times_out)
+    assert not ray.is_initialized()
+    try:
+        ray_launcher._init_local_ray(2, {"include_dashboard": False, "log_to_driver": False})
+        assert ray.is_initialized()
+        assert ray.cluster_resources()["CPU"] == 2
+        assert started[0].wait(timeout=10) == -signal.SIGKILL
+    finally:
+        ray.shutdown()
+        if started and started[0].poll() is None:
+            started[0].kill()
+
+
+def test_local_ray_start_fails_on_other_errors_without_retry(monkeypatch):
+    import ray
+
+    from services import ray_launcher
+
+    calls = []
+
+    def bad(*args, **kw):
+        calls.append(1)
+        raise ValueError("num_cpus must be positive")
+
+    monkeypatch.setattr(ray, "init", bad)
+    with pytest.raises(ValueError, match="num_cpus"):
+        ray_launcher._init_local_ray(0, {})
+    assert calls == [1]
+
+
+def test_descendants_finds_grandchildren():
+    from services.ray_launcher import _descendants
+
+    child = subprocess.Popen([sys.executable, "-c",
+                              "import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', "
+                              "'import time; time.sleep(60)']); print(p.pid, flush=True); time.sleep(60)"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        grandchild = int(child.stdout.readline())
+        assert {child.pid, grandchild} <= _descendants(os.getpid())
+        assert grandchild in _descendants(child.pid) and child.pid not in _descendants(child.pid)
+    finally:
+        os.kill(grandchild, signal.SIGKILL)
+        child.kill()
+        child.wait()

@@ -306,6 +306,52 @@ def test_evicted_buffers_are_reused_only_when_unread(server: WeightServer, tmp_p
     assert_same(load_file(path), {k: v.contiguous() for k, v in _with_big(4).items()})
 
 
+def test_one_kept_version_is_overwritten_in_place_when_unread() -> None:
+    # keep_versions=1 (the demo): one buffer for serving, not two, unless a stream reads it.
+    with WeightServer(token=TOKEN, chunk_bytes=4096, keep_versions=1) as s, client_for(s) as c:
+        s.publish(1, _with_big(1))
+        s.checksum(1)  # the hash of version 1 is done: nothing reads its bytes any more
+        first = s._versions[1].buffer
+        s.publish(2, _with_big(2))
+        assert s.versions == [2] and s._versions[2].buffer is first and s._spare is None
+        assert_same(c.fetch_state_dict(2)[1], _with_big(2))  # verified against the checksum of the rewritten bytes
+        s_checksum2 = s.checksum(2)
+        stream = c.stream(2)
+        got = dict([next(stream)])  # a worker is still pulling version 2 ...
+        v2 = s._versions[2]
+        s.publish(3, _with_big(3))  # ... so version 3 gets a buffer of its own
+        third = s._versions[3].buffer
+        assert third is not first and s.versions == [3]
+        got.update(stream)
+        assert_same(got, _with_big(2))  # version 2 intact, checksum verified by the stream
+        assert stream.checksum == s_checksum2
+        s.checksum(3)
+        deadline = time.monotonic() + 5
+        while v2.readers and time.monotonic() < deadline:
+            time.sleep(0.01)  # the server-side stream ends just after the client's last read
+        assert v2.readers == 0 and v2.evicted
+        assert s._spare is None  # version 2's buffer is not kept as a second copy (keep_versions=2 would)
+        s.publish(4, _with_big(4))  # version 3 is unread: overwritten in place
+        assert s._versions[4].buffer is third
+        assert_same(c.fetch_state_dict(4)[1], _with_big(4))
+
+
+def test_a_failed_in_place_publish_never_serves_half_written_bytes() -> None:
+    with WeightServer(token=TOKEN, chunk_bytes=4096, keep_versions=1) as s, client_for(s) as c:
+        s.publish(1, small_state(1))
+        s.checksum(1)
+        with pytest.raises(TypeError):  # refused before any byte is written: version 1 stays served
+            s.publish(2, {**small_state(2), "counter": 7})
+        assert s.versions == [1]
+        assert_same(c.fetch_state_dict(1)[1], small_state(1))
+        broken = {**small_state(2), "model.norm.weight": torch.empty(48, dtype=torch.float16, device="meta")}
+        with pytest.raises(Exception):  # the copy fails midway through version 1's buffer
+            s.publish(2, broken)
+        assert s.versions == [] and s.latest_version is None  # nothing half-written is served
+        s.publish(3, small_state(3))
+        assert_same(c.fetch_state_dict(3)[1], small_state(3))
+
+
 # --------------------------------------------------------------------------------------
 # Publish dtype (transport.weights_dtype)
 

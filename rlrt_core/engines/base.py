@@ -102,7 +102,8 @@ class FinishedGroup:
 class EngineStream(abc.ABC):
     """Continuous batching at group granularity: `add()` queues a prompt for n completions,
     each `step()` admits queued prompts into free batch rows and decodes every live row by one
-    token, returning the groups whose n completions all ended. Weights may be swapped
+    token, returning the groups whose n completions all ended. Callers admit by rows (`rows`),
+    not groups: a row whose completion ended is free for new work while its group waits. Weights may be swapped
     (`Engine.load_weights`) between steps; in-flight rows keep going under the new version."""
 
     @abc.abstractmethod
@@ -126,7 +127,7 @@ class EngineStream(abc.ABC):
     @property
     @abc.abstractmethod
     def rows(self) -> int:
-        """Live completion rows in the batch."""
+        """Completion rows the stream holds (live or queued): what a caller budgets admission by."""
 
 
 class WeightLoadError(ValueError):
@@ -219,6 +220,14 @@ class Engine(abc.ABC):
     def load_weights(self, weights: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]], version: int) -> None:
         """Replace all weights (HF names) and set `version`; raises WeightLoadError and keeps the old
         weights and version when a tensor is missing, unknown or mis-shaped."""
+
+    def collective_link(self) -> Any:
+        """The member side of the collective weight data plane for this engine
+        (`rlrt_core.weights.collective`): by default a receiver thread in this process whose
+        staged versions go through `load_weights`."""
+        from rlrt_core.weights.collective import LocalCollectiveLink
+
+        return LocalCollectiveLink(self.load_weights)
 
     def close(self) -> None:
         """Release the engine's resources (worker processes, shared-memory files)."""

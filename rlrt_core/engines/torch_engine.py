@@ -1,17 +1,18 @@
 """Pure torch/transformers generation engine (CPU or one GPU).
 
 Batched decoding with a KV cache: prompts are left-padded, each distinct prompt is prefilled
-once and its cache repeated n times, then all rows decode together; rows that finished (EOS,
-`max_new_tokens`, or the context limit) are dropped from the batch and the cache. Sampling
+once and its keys/values copied into n rows of a `KVSlots` cache (kv_slots.py), then all rows
+decode together; rows that finished (EOS, `max_new_tokens`, or the context limit) are dropped
+from the batch and the cache. Sampling
 (temperature, top-p) and behaviour log-probs follow `base.sample_next`. A seed fixes the whole
 call: the same (prompts, sampling, weights) give the same completions.
 
 `start_stream()` gives a `TorchStream`: continuous batching at group granularity. Each step
 decodes the live rows by one token; prompts added meanwhile are prefilled on their own and
-merged into the batch's KV cache (the shorter of the two caches is left-padded, padding is
-masked out and every row carries its own position ids, so a row's logits do not depend on its
-batch-mates beyond float rounding); finished rows leave the batch, and cache columns that no
-live row uses any more are trimmed. Each group samples from its own generator, consumed in
+their rows appended to the stream's `KVSlots` (kv_slots.py: pre-allocated buffers, each row's
+tokens from column 0, new keys written in place, attention over grouped KV heads with a
+per-row length mask, so a row's logits do not depend on its batch-mates beyond float rounding
+and a step copies no cache); finished rows leave the batch. Each group samples from its own generator, consumed in
 the same order as `generate()` on that prompt alone, so a stream with a group's seed yields
 the completions `generate([prompt], seed)` yields (up to float rounding of the logits).
 """
@@ -24,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from rlrt_core.engines.base import (
@@ -38,6 +38,7 @@ from rlrt_core.engines.base import (
     collect_weights,
     sample_next,
 )
+from rlrt_core.engines.kv_slots import KVSlots
 from rlrt_core.models import load_model, load_tokenizer
 
 
@@ -111,24 +112,10 @@ class TorchEngine(Engine):
     def _decode(self, prompts: list[list[int]], sp: SamplingParams, gen: torch.Generator
                 ) -> list[tuple[list[int], list[float], str]]:
         dev = self.device
-        P = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), P), self.pad_id, dtype=torch.long)
-        attn = torch.zeros((len(prompts), P), dtype=torch.long)
-        for i, p in enumerate(prompts):  # left padding: every row's last prompt token sits at column P-1
-            input_ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
-            attn[i, P - len(p):] = 1
-        input_ids, attn = input_ids.to(dev), attn.to(dev)
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=input_ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
-        logits = out.logits[:, -1]
-        # n samples per prompt share one prefill
-        n = sp.n
-        if n > 1:
-            cache.batch_repeat_interleave(n)
-            logits = logits.repeat_interleave(n, dim=0)
-            attn = attn.repeat_interleave(n, dim=0)
-        next_pos = attn.sum(-1)  # [R] position of the next token of each row
+        n = sp.n  # n samples per prompt share one prefill; the rows decode on KVSlots (see kv_slots.py)
+        index = torch.arange(len(prompts), device=dev).repeat_interleave(n)
+        kv = KVSlots.for_model(self.model, max_width=self.max_model_len)
+        logits = _prefill_into(self, prompts, kv, index)
         limits = torch.tensor([min(sp.max_new_tokens, self.max_model_len - len(p)) for p in prompts for _ in range(n)])
         R = len(prompts) * n
         toks: list[list[int]] = [[] for _ in range(R)]
@@ -152,15 +139,26 @@ class TorchEngine(Engine):
                 break
             if bool(done.any()):
                 keep = torch.nonzero(~done).flatten()
-                cache.batch_select_indices(keep.to(dev))
-                active, tok, attn, next_pos = active[keep], tok[keep.to(dev)], attn[keep.to(dev)], next_pos[keep.to(dev)]
-            attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=1)
-            out = self.model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None],
-                             past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            logits = out.logits[:, -1]
-            next_pos = next_pos + 1
+                kv.keep(keep.to(dev))
+                active, tok = active[keep], tok[keep.to(dev)]
+            logits = kv.decode(self.model, tok)
         return [(toks[r], lps[r], reasons[r]) for r in range(R)]
+
+
+def _prefill_into(eng: TorchEngine, prompts: list[list[int]], kv: KVSlots, index: Tensor) -> Tensor:
+    """Prefill `prompts` once (left-padded, per-row positions) and append rows to `kv`: row j copies
+    prompt index[j]. -> the first-token logits of the new rows [len(index), V]."""
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), P), eng.pad_id, dtype=torch.long)
+    attn = torch.zeros((len(prompts), P), dtype=torch.long)
+    for i, p in enumerate(prompts):  # left padding: every prompt's last token sits at column P-1
+        ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+        attn[i, P - len(p):] = 1
+    ids, attn = ids.to(eng.device), attn.to(eng.device)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    out = eng.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+    kv.append(out.past_key_values, attn, index)
+    return out.logits[:, -1][index]
 
 
 def _seeded(device: torch.device, seed: int | None) -> torch.Generator:
@@ -184,22 +182,13 @@ class _Group:
     live: int = 0
 
 
-def _pad_cache_left(cache, pad: int) -> None:
-    """Prepend `pad` zero columns to every layer's keys/values ([B, H, L, D])."""
-    if pad <= 0:
-        return
-    for layer in cache.layers:
-        layer.keys = F.pad(layer.keys, (0, 0, pad, 0))
-        layer.values = F.pad(layer.values, (0, 0, pad, 0))
-
-
 class TorchStream(EngineStream):
     """Continuous batching on a TorchEngine; see the module docstring and EngineStream.
 
-    Batch state: `cache` (DynamicCache, width W), `attn` [R, W] (1 = a real token of that row),
-    `next_pos` [R] (position of each row's pending token), `pending` [R] (the token sampled last
-    step, not yet in the cache), and per row its group and index within the group. A group's rows
-    are contiguous and keep their order, so each group samples its live rows in one call.
+    Batch state: `kv` (KVSlots: each row's cached tokens at columns 0 .. lens[r]-1, so lens[r] is
+    the position of its pending token), `pending` [R] (the token sampled last step, not yet in the
+    cache), and per row its group and index within the group. A group's rows are contiguous and
+    keep their order, so each group samples its live rows in one call.
     """
 
     def __init__(self, engine: TorchEngine) -> None:
@@ -207,9 +196,7 @@ class TorchStream(EngineStream):
         self._queue: list[_Group] = []
         self._row_group: list[_Group] = []
         self._row_idx: list[int] = []
-        self._cache = None
-        self._attn: Tensor | None = None
-        self._next_pos: Tensor | None = None
+        self._kv = KVSlots.for_model(engine.model, max_width=engine.max_model_len)
         self._pending: Tensor | None = None
         self._eos = torch.tensor(sorted(engine.eos_ids), device=engine.device)
 
@@ -218,8 +205,15 @@ class TorchStream(EngineStream):
         return len(self._queue) + len({id(g) for g in self._row_group})
 
     @property
+    def cache_width(self) -> int:
+        """KV-cache columns the next decode step attends over (the longest live row + 1)."""
+        return self._kv.width
+
+    @property
     def rows(self) -> int:
-        return len(self._row_group)
+        """Live rows plus the n rows of each queued group; a finished completion frees its row at
+        once, even while its group waits for a slower sibling."""
+        return len(self._row_group) + sum(g.sampling.n for g in self._queue)
 
     def add(self, key: Any, prompt_ids: list[int], sampling: SamplingParams) -> None:
         """Queue one group; it joins the batch at the next step(). See EngineStream.add."""
@@ -238,7 +232,8 @@ class TorchStream(EngineStream):
                 keys.append(g.key)
         self._queue.clear()
         self._row_group, self._row_idx = [], []
-        self._cache = self._attn = self._next_pos = self._pending = None
+        self._kv.keep(self._kv.lens[:0])
+        self._pending = None
         return keys
 
     # -- one step ---------------------------------------------------------------------------
@@ -259,50 +254,20 @@ class TorchStream(EngineStream):
     def _decode_live(self) -> Tensor | None:
         if not self._row_group:
             return None
-        attn = torch.cat([self._attn, self._attn.new_ones((self._attn.shape[0], 1))], dim=1)
-        out = self.engine.model(input_ids=self._pending[:, None], attention_mask=attn,
-                                position_ids=self._next_pos[:, None], past_key_values=self._cache, use_cache=True)
-        self._cache, self._attn = out.past_key_values, attn
-        self._next_pos = self._next_pos + 1
-        return out.logits[:, -1]
+        return self._kv.decode(self.engine.model, self._pending)
 
     def _admit(self, groups: list[_Group]) -> Tensor:
-        """Prefill each new prompt once, repeat its cache n times, merge into the batch. -> logits [R_new, V]."""
-        eng, dev = self.engine, self.engine.device
-        P = max(len(g.prompt_ids) for g in groups)
-        ids = torch.full((len(groups), P), eng.pad_id, dtype=torch.long)
-        attn = torch.zeros((len(groups), P), dtype=torch.long)
-        for i, g in enumerate(groups):  # left padding, as in generate()
-            ids[i, P - len(g.prompt_ids):] = torch.tensor(g.prompt_ids, dtype=torch.long)
-            attn[i, P - len(g.prompt_ids):] = 1
-        ids, attn = ids.to(dev), attn.to(dev)
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        out = eng.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
-        cache, logits = out.past_key_values, out.logits[:, -1]
+        """Prefill each new prompt once and append its n rows to the slots. -> logits [R_new, V]."""
+        dev = self.engine.device
         reps = torch.tensor([g.sampling.n for g in groups], device=dev)
-        if int(reps.max()) > 1:  # n samples per prompt share one prefill
-            index = torch.repeat_interleave(torch.arange(len(groups), device=dev), reps)
-            cache.batch_select_indices(index)
-            logits, attn = logits[index], attn[index]
+        index = torch.repeat_interleave(torch.arange(len(groups), device=dev), reps)  # n rows share a prefill
+        logits = _prefill_into(self.engine, [g.prompt_ids for g in groups], self._kv, index)
         for g in groups:
             n = g.sampling.n
             g.toks, g.lps, g.vers = [[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)]
             g.reasons, g.live = ["length"] * n, n
             self._row_group.extend([g] * n)
             self._row_idx.extend(range(n))
-        next_pos = attn.sum(-1)
-        if self._cache is None:
-            self._cache, self._attn, self._next_pos = cache, attn, next_pos
-        else:  # right-align both caches on one width, then stack the rows
-            W, Wn = self._attn.shape[1], attn.shape[1]
-            _pad_cache_left(self._cache, Wn - W)
-            _pad_cache_left(cache, W - Wn)
-            for old, new in zip(self._cache.layers, cache.layers):
-                old.keys = torch.cat([old.keys, new.keys])
-                old.values = torch.cat([old.values, new.values])
-            width = max(W, Wn)
-            self._attn = torch.cat([F.pad(self._attn, (width - W, 0)), F.pad(attn, (width - Wn, 0))])
-            self._next_pos = torch.cat([self._next_pos, next_pos])
         return logits
 
     def _sample_and_retire(self, logits: Tensor, version: int) -> list[FinishedGroup]:
@@ -342,23 +307,9 @@ class TorchStream(EngineStream):
         return finished
 
     def _retire(self, keep: list[int]) -> None:
-        if not keep:
-            self._row_group, self._row_idx = [], []
-            self._cache = self._attn = self._next_pos = None
-            return
-        idx = torch.tensor(keep, dtype=torch.long, device=self.engine.device)
-        self._cache.batch_select_indices(idx)
-        self._attn, self._next_pos = self._attn[idx], self._next_pos[idx]
+        self._kv.keep(torch.tensor(keep, dtype=torch.long, device=self.engine.device))
         self._row_group = [self._row_group[r] for r in keep]
         self._row_idx = [self._row_idx[r] for r in keep]
-        # the attention mask covers the cache; the pending token's column is added next step
-        used = torch.nonzero(self._attn.any(0)).flatten()
-        first = int(used[0]) if len(used) else 0
-        if first > 0:  # columns only finished rows used
-            self._attn = self._attn[:, first:]
-            for layer in self._cache.layers:
-                layer.keys = layer.keys[:, :, first:]
-                layer.values = layer.values[:, :, first:]
 
     def _result(self, g: _Group) -> GenerationResult:
         tokzr = self.engine.tokenizer

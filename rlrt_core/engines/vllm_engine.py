@@ -44,8 +44,10 @@ vLLM starts worker processes: scripts that build a VLLMEngine need an `if __name
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
+import logging
 import os
 import tempfile
 import time
@@ -68,7 +70,9 @@ from rlrt_core.engines.base import (
 )
 from rlrt_core.models import load_tokenizer, resolve_model_path, torch_dtype
 from rlrt_core.scoring import ScoreResult
+from rlrt_core.transport.codec import DTYPE_TO_TORCH
 
+log = logging.getLogger(__name__)
 EXTENSION = "rlrt_core.engines.vllm_worker_ext.WeightUpdateExtension"
 _SHM_LEFTOVERS = "/dev/shm/deepspeed_allreduce_buffer_*"
 
@@ -284,26 +288,38 @@ class VLLMEngine(Engine):
         try:
             save_file(tensors, path)
             del tensors
-            engine = self.llm.llm_engine
-            with self._lock:
-                # pause scheduling (in-flight requests kept) so that no step runs while the weights
-                # and the version label change; a no-op wait when nothing is in flight
-                engine.sleep(level=0, mode="keep")
-                try:
-                    try:
-                        self.llm.collective_rpc("rlrt_reload_weights", args=(path,))
-                    except Exception as err:  # the workers' error, surfaced with what we were doing
-                        raise WeightLoadError(f"vLLM workers failed to reload weights version {version}: "
-                                              f"{err}") from err
-                    # fails (False) while in-flight requests hold KV blocks: then stream requests
-                    # skip reading the cache until an idle moment resets it
-                    self._cache_stale = not self.llm.reset_prefix_cache()
-                    engine.set_weight_version(str(int(version)))
-                    self._version = int(version)
-                finally:
-                    engine.wake_up(tags=["scheduling"])
+            self._swap_weights("rlrt_reload_weights", (path,), version, what="reload weights")
         finally:
             Path(path).unlink(missing_ok=True)
+
+    def _swap_weights(self, rpc: str, args: tuple, version: int, *, what: str) -> None:
+        """Run the workers' weight-loading `rpc` with scheduling paused, then reset the prefix
+        cache and label the engine with `version` (shared by the file and collective paths)."""
+        engine = self.llm.llm_engine
+        with self._lock:
+            # pause scheduling (in-flight requests kept) so that no step runs while the weights
+            # and the version label change; a no-op wait when nothing is in flight
+            engine.sleep(level=0, mode="keep")
+            try:
+                try:
+                    self.llm.collective_rpc(rpc, args=args)
+                except Exception as err:  # the workers' error, surfaced with what we were doing
+                    raise WeightLoadError(f"vLLM workers failed to {what} version {version}: {err}") from err
+                # fails (False) while in-flight requests hold KV blocks: then stream requests
+                # skip reading the cache until an idle moment resets it
+                self._cache_stale = not self.llm.reset_prefix_cache()
+                engine.set_weight_version(str(int(version)))
+                self._version = int(version)
+            finally:
+                engine.wake_up(tags=["scheduling"])
+
+    def collective_link(self) -> "VLLMCollectiveLink":
+        """The collective data plane's member side inside vLLM's workers (see `VLLMCollectiveLink`)."""
+        return VLLMCollectiveLink(self)
+
+    def _apply_collective(self, version: int) -> None:
+        """Load the version the workers staged from the collective, as `load_weights` loads a file."""
+        self._swap_weights("rlrt_collective_apply", (int(version),), version, what="apply collective weights")
 
     def weight_checksum(self, name: str) -> float:
         """Sum of parameter `name` as the (first) worker holds it; for tests and debugging."""
@@ -327,6 +343,54 @@ class VLLMEngine(Engine):
                     os.unlink(f)
             except FileNotFoundError:
                 continue
+
+
+class VLLMCollectiveLink:
+    """The collective weight data plane's member side for a `VLLMEngine`: the receiver runs in
+    every vLLM worker (`WeightUpdateExtension.rlrt_collective_*`), so a broadcast version goes
+    from the group into the worker's memory and through `reload_weights`, never through a file
+    or this process. With several workers (tensor parallel) each is a member and all must have
+    staged the same version. The staged layout is checked against the checkpoint's names and
+    shapes here before any worker reloads."""
+
+    def __init__(self, engine: VLLMEngine) -> None:
+        self.engine = engine
+        self._started: tuple[str, str] | None = None
+
+    def connect(self, info: Any, timeout_s: float) -> None:
+        key = (info.address, info.backend)
+        if key != self._started:
+            self.engine.llm.collective_rpc("rlrt_collective_start", args=(info.address, info.backend, float(timeout_s)))
+            self._started = key
+
+    def wait(self, version: int, timeout_s: float) -> tuple[Any, str]:
+        from rlrt_core.weights.collective import Staged
+
+        replies = self.engine.llm.collective_rpc("rlrt_collective_wait", args=(int(version), float(timeout_s)))
+        why = next((r["why"] for r in replies if "why" in r), "")
+        if why:
+            return None, why
+        first = replies[0]
+        if any((r["version"], r["checksum"]) != (first["version"], first["checksum"]) for r in replies):
+            return None, "broken"  # the workers staged different versions
+        metas = [(n, torch.empty(sh, dtype=DTYPE_TO_TORCH[d], device="meta")) for n, d, sh in first["layout"]]
+        try:  # names and shapes only: meta tensors have no values to compare a tied lm_head by
+            collect_weights(metas, dataclasses.replace(self.engine._spec, tied={}))
+        except WeightLoadError as err:
+            log.warning("collective version %s refused: %s", first["version"], err)
+            return None, "apply"
+        return Staged(int(first["version"]), str(first["checksum"]), int(first["nbytes"])), ""
+
+    def apply(self, staged: Any) -> None:
+        self.engine._apply_collective(staged.version)
+
+    def close(self) -> None:
+        if self._started is not None and not getattr(self.engine, "_closed", True):
+            try:
+                self.engine.llm.collective_rpc("rlrt_collective_stop")
+            except Exception:  # noqa: BLE001 - shutting down
+                pass
+        self._started = None
 
 
 def _completion(c: Any, version: int | None) -> Completion:
@@ -355,8 +419,9 @@ class VLLMStream(EngineStream):
     `add()` hands the group to vLLM at once (one request, n = K, FINAL_ONLY); vLLM's scheduler
     admits it into its batch as KV space and `max_num_seqs` allow. `step()` runs one engine step
     (with the multiprocess engine core: waits for its next output) and returns the groups whose K
-    completions all ended. `rows` counts the completions of groups in flight (vLLM may still hold
-    some of them in its waiting queue)."""
+    completions all ended. `rows` counts all K completions of every group in flight (FINAL_ONLY
+    reports no single completion's end; vLLM may still hold some in its waiting queue), so a row
+    budget admits here by whole groups."""
 
     def __init__(self, engine: VLLMEngine) -> None:
         from vllm.sampling_params import RequestOutputKind

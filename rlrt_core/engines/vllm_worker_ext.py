@@ -11,6 +11,13 @@ safetensors file (under /dev/shm) and passes its path. Facts this relies on (vLL
 * With tied embeddings the lm_head's packed CPU copy stays stale after a reload (logits keep
   coming from the old matrix), so it is re-processed when it shares storage with the embedding.
 
+The collective weight data plane (`transport.weights_backend: collective`) runs its member
+inside each worker: `rlrt_collective_start` starts a `CollectiveReceiver` thread there (it joins
+the learner's group and stages verified versions in the worker's host memory),
+`rlrt_collective_wait` waits for a version to be staged and describes it (plain data: it
+crosses the RPC), `rlrt_collective_apply` reloads the staged bytes through the same
+`reload_weights` path as a file -- the weights never go through a file or the driver.
+
 This module imports nothing from vLLM at import time: the worker imports it by name.
 """
 
@@ -40,7 +47,49 @@ class WeightUpdateExtension:
     def rlrt_reload_weights(self, path: str, reprocess_tied_lm_head: bool = True) -> dict[str, Any]:
         """Reload all weights from the safetensors file at `path`; returns what was done.
         `reprocess_tied_lm_head=False` exists only to demonstrate the stale-lm_head failure."""
-        self.reload_weights(weights_iterator=_safetensors_iter(path), is_checkpoint_format=True)
+        return self._rlrt_reload(_safetensors_iter(path), reprocess_tied_lm_head)
+
+    # -- the collective data plane (rlrt_core.weights.collective) ----------------------------
+    def rlrt_collective_start(self, address: str, backend: str, timeout_s: float) -> dict[str, Any]:
+        """Join the collective sender at `address` (a no-op when already joined to it)."""
+        from rlrt_core.weights.collective import CollectiveReceiver
+
+        rx = getattr(self, "_rlrt_rx", None)
+        if rx is None or rx.address != address or rx.backend != backend:
+            if rx is not None:
+                rx.close()
+            self._rlrt_rx = CollectiveReceiver(address, backend=backend, timeout_s=timeout_s)
+            self._rlrt_taken = None
+        return self._rlrt_rx.status().as_dict()
+
+    def rlrt_collective_wait(self, version: int, timeout_s: float) -> dict[str, Any]:
+        """Wait until a version >= `version` is staged: {"version", "checksum", "nbytes",
+        "layout": [[name, dtype, shape], ...]}, or {"why": reason}."""
+        rx = getattr(self, "_rlrt_rx", None)
+        if rx is None:
+            return {"why": "no_sender"}
+        got, why = rx.wait(int(version), float(timeout_s))
+        self._rlrt_taken = got
+        if got is None:
+            return {"why": why}
+        return {"version": got.version, "checksum": got.checksum, "nbytes": got.nbytes,
+                "layout": [[n, d, list(sh)] for n, d, sh in got.layout()]}
+
+    def rlrt_collective_apply(self, version: int) -> dict[str, Any]:
+        """Reload the staged `version` (taken by `rlrt_collective_wait`) in place."""
+        taken, self._rlrt_taken = getattr(self, "_rlrt_taken", None), None
+        if taken is None or taken.version != int(version):
+            raise RuntimeError(f"weight version {version} is not staged in this worker")
+        return self._rlrt_reload(taken.items(), True)
+
+    def rlrt_collective_stop(self) -> None:
+        rx = getattr(self, "_rlrt_rx", None)
+        if rx is not None:
+            rx.close()
+        self._rlrt_rx, self._rlrt_taken = None, None
+
+    def _rlrt_reload(self, weights: Iterator[tuple[str, Any]], reprocess_tied_lm_head: bool) -> dict[str, Any]:
+        self.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
         model = self.model_runner.get_model()
         lm_head = _find(model, "lm_head")
         embed = _find(model, "embed_tokens")

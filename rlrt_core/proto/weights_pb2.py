@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15rlrt/v1/weights.proto\x12\x07rlrt.v1\"\x19\n\x17GetLatestVersionRequest\"v\n\x0bVersionInfo\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x13\n\x0bnum_tensors\x18\x03 \x01(\r\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\t\x12\x1a\n\x12\x61vailable_versions\x18\x05 \x03(\x03\"\xb8\x01\n\x14StreamWeightsRequest\x12\x14\n\x07version\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x13\n\x0b\x63hunk_bytes\x18\x02 \x01(\r\x12\x19\n\x0c\x62\x61se_version\x18\x03 \x01(\x03H\x01\x88\x01\x01\x12\x15\n\rbase_checksum\x18\x04 \x01(\t\x12\x11\n\tencodings\x18\x05 \x03(\t\x12\x13\n\x0bwire_format\x18\x06 \x01(\rB\n\n\x08_versionB\x0f\n\r_base_version\"\xb9\x02\n\x0bWeightChunk\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x19\n\x11requested_version\x18\x02 \x01(\x03\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\r\n\x05shape\x18\x05 \x03(\x03\x12\x0e\n\x06offset\x18\x06 \x01(\x04\x12\x14\n\x0ctensor_bytes\x18\x07 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x08 \x01(\x0c\x12\x14\n\x0ctensor_index\x18\t \x01(\r\x12\x13\n\x0bnum_tensors\x18\n \x01(\r\x12\r\n\x05\x66inal\x18\x0b \x01(\x08\x12\x10\n\x08\x63hecksum\x18\x0c \x01(\t\x12\x10\n\x08\x65ncoding\x18\r \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x0e \x01(\x03\x12\x15\n\rencoded_bytes\x18\x0f \x01(\x04\x12\x13\n\x0bwire_format\x18\x10 \x01(\r\"\x0f\n\rHealthRequest\"K\n\x0eHealthResponse\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x16\n\x0elatest_version\x18\x02 \x01(\x03\x12\x10\n\x08uptime_s\x18\x03 \x01(\x01\x32\xde\x01\n\rWeightService\x12J\n\x10GetLatestVersion\x12 .rlrt.v1.GetLatestVersionRequest\x1a\x14.rlrt.v1.VersionInfo\x12\x46\n\rStreamWeights\x12\x1d.rlrt.v1.StreamWeightsRequest\x1a\x14.rlrt.v1.WeightChunk0\x01\x12\x39\n\x06Health\x12\x16.rlrt.v1.HealthRequest\x1a\x17.rlrt.v1.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15rlrt/v1/weights.proto\x12\x07rlrt.v1\";\n\x17GetLatestVersionRequest\x12\x14\n\x07version\x18\x01 \x01(\x03H\x00\x88\x01\x01\x42\n\n\x08_version\"v\n\x0bVersionInfo\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x13\n\x0bnum_tensors\x18\x03 \x01(\r\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\t\x12\x1a\n\x12\x61vailable_versions\x18\x05 \x03(\x03\"\xb8\x01\n\x14StreamWeightsRequest\x12\x14\n\x07version\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x13\n\x0b\x63hunk_bytes\x18\x02 \x01(\r\x12\x19\n\x0c\x62\x61se_version\x18\x03 \x01(\x03H\x01\x88\x01\x01\x12\x15\n\rbase_checksum\x18\x04 \x01(\t\x12\x11\n\tencodings\x18\x05 \x03(\t\x12\x13\n\x0bwire_format\x18\x06 \x01(\rB\n\n\x08_versionB\x0f\n\r_base_version\"\xb9\x02\n\x0bWeightChunk\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x19\n\x11requested_version\x18\x02 \x01(\x03\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\r\n\x05shape\x18\x05 \x03(\x03\x12\x0e\n\x06offset\x18\x06 \x01(\x04\x12\x14\n\x0ctensor_bytes\x18\x07 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x08 \x01(\x0c\x12\x14\n\x0ctensor_index\x18\t \x01(\r\x12\x13\n\x0bnum_tensors\x18\n \x01(\r\x12\r\n\x05\x66inal\x18\x0b \x01(\x08\x12\x10\n\x08\x63hecksum\x18\x0c \x01(\t\x12\x10\n\x08\x65ncoding\x18\r \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x0e \x01(\x03\x12\x15\n\rencoded_bytes\x18\x0f \x01(\x04\x12\x13\n\x0bwire_format\x18\x10 \x01(\r\"\x0f\n\rHealthRequest\"K\n\x0eHealthResponse\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x16\n\x0elatest_version\x18\x02 \x01(\x03\x12\x10\n\x08uptime_s\x18\x03 \x01(\x01\x32\xde\x01\n\rWeightService\x12J\n\x10GetLatestVersion\x12 .rlrt.v1.GetLatestVersionRequest\x1a\x14.rlrt.v1.VersionInfo\x12\x46\n\rStreamWeights\x12\x1d.rlrt.v1.StreamWeightsRequest\x1a\x14.rlrt.v1.WeightChunk0\x01\x12\x39\n\x06Health\x12\x16.rlrt.v1.HealthRequest\x1a\x17.rlrt.v1.HealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,17 +32,17 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rlrt.v1.weights_pb2', _glob
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GETLATESTVERSIONREQUEST']._serialized_start=34
-  _globals['_GETLATESTVERSIONREQUEST']._serialized_end=59
-  _globals['_VERSIONINFO']._serialized_start=61
-  _globals['_VERSIONINFO']._serialized_end=179
-  _globals['_STREAMWEIGHTSREQUEST']._serialized_start=182
-  _globals['_STREAMWEIGHTSREQUEST']._serialized_end=366
-  _globals['_WEIGHTCHUNK']._serialized_start=369
-  _globals['_WEIGHTCHUNK']._serialized_end=682
-  _globals['_HEALTHREQUEST']._serialized_start=684
-  _globals['_HEALTHREQUEST']._serialized_end=699
-  _globals['_HEALTHRESPONSE']._serialized_start=701
-  _globals['_HEALTHRESPONSE']._serialized_end=776
-  _globals['_WEIGHTSERVICE']._serialized_start=779
-  _globals['_WEIGHTSERVICE']._serialized_end=1001
+  _globals['_GETLATESTVERSIONREQUEST']._serialized_end=93
+  _globals['_VERSIONINFO']._serialized_start=95
+  _globals['_VERSIONINFO']._serialized_end=213
+  _globals['_STREAMWEIGHTSREQUEST']._serialized_start=216
+  _globals['_STREAMWEIGHTSREQUEST']._serialized_end=400
+  _globals['_WEIGHTCHUNK']._serialized_start=403
+  _globals['_WEIGHTCHUNK']._serialized_end=716
+  _globals['_HEALTHREQUEST']._serialized_start=718
+  _globals['_HEALTHREQUEST']._serialized_end=733
+  _globals['_HEALTHRESPONSE']._serialized_start=735
+  _globals['_HEALTHRESPONSE']._serialized_end=810
+  _globals['_WEIGHTSERVICE']._serialized_start=813
+  _globals['_WEIGHTSERVICE']._serialized_end=1035
 # @@protoc_insertion_point(module_scope)

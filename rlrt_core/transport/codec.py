@@ -19,26 +19,43 @@ import struct
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence, TypeVar
+from functools import cache
+from typing import TYPE_CHECKING, Any, Mapping, Sequence, TypeVar
 
-import torch
 from google.protobuf.message import DecodeError, Message
 
 from rlrt_core.proto import trajectory_pb2 as pb
+
+if TYPE_CHECKING:  # torch is imported on first use: the verifier and the launcher decode and
+    import torch  # encode messages without tensors and must not load it (~250 MB per process)
 
 if sys.byteorder != "little":  # raw tensor bytes on the wire are little-endian by definition
     raise ImportError("rlrt_core.transport.codec supports little-endian hosts only")
 
 M = TypeVar("M", bound=Message)
 
-# safetensors dtype names (the wire names) <-> torch dtypes.
-DTYPE_TO_TORCH: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-TORCH_TO_DTYPE: dict[torch.dtype, str] = {v: k for k, v in DTYPE_TO_TORCH.items()}
+@cache
+def _dtype_maps() -> tuple[dict[str, "torch.dtype"], dict["torch.dtype", str]]:
+    """safetensors dtype names (the wire names) <-> torch dtypes, built on first use."""
+    import torch
+
+    to_torch = {
+        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+        "U8": torch.uint8, "BOOL": torch.bool,
+        "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    }
+    return to_torch, {v: k for k, v in to_torch.items()}
+
+
+def __getattr__(name: str) -> Any:
+    """`DTYPE_TO_TORCH` / `TORCH_TO_DTYPE` as module attributes, built when first read."""
+    if name == "DTYPE_TO_TORCH":
+        return _dtype_maps()[0]
+    if name == "TORCH_TO_DTYPE":
+        return _dtype_maps()[1]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 CONTEXT_KINDS: dict[str, int] = {
     "none": pb.CONTEXT_KIND_NONE, "solution": pb.CONTEXT_KIND_SOLUTION, "peer": pb.CONTEXT_KIND_PEER,
@@ -245,6 +262,8 @@ def _validate_support(group_id: str, i: int, s: pb.TeacherScore, t: int, lim: Li
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """Raw little-endian bytes of a CPU tensor (row-major); no copy when already contiguous."""
+    import torch
+
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
@@ -257,9 +276,12 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 def tensor_from_bytes(data: bytes | bytearray | memoryview, dtype: str, shape: Sequence[int]) -> torch.Tensor:
     """Inverse of `tensor_bytes`: a tensor of safetensors `dtype` and `shape` over a private
     copy of `data` (a bytearray is used in place)."""
-    if dtype not in DTYPE_TO_TORCH:
-        raise MalformedMessage(f"unknown tensor dtype {dtype!r}; expected one of {sorted(DTYPE_TO_TORCH)}")
-    tdt = DTYPE_TO_TORCH[dtype]
+    import torch
+
+    to_torch = _dtype_maps()[0]
+    if dtype not in to_torch:
+        raise MalformedMessage(f"unknown tensor dtype {dtype!r}; expected one of {sorted(to_torch)}")
+    tdt = to_torch[dtype]
     shape = tuple(int(s) for s in shape)
     numel = 1
     for s in shape:
@@ -277,9 +299,10 @@ def tensor_from_bytes(data: bytes | bytearray | memoryview, dtype: str, shape: S
 
 def tensor_to_proto(t: torch.Tensor) -> pb.Tensor:
     """Any CPU/GPU tensor -> `Tensor{dtype, shape, data}`."""
-    if t.dtype not in TORCH_TO_DTYPE:
+    to_wire = _dtype_maps()[1]
+    if t.dtype not in to_wire:
         raise ValueError(f"tensor dtype {t.dtype} has no wire name")
-    return pb.Tensor(dtype=TORCH_TO_DTYPE[t.dtype], shape=list(t.shape), data=bytes(tensor_bytes(t)))
+    return pb.Tensor(dtype=to_wire[t.dtype], shape=list(t.shape), data=bytes(tensor_bytes(t)))
 
 
 def tensor_from_proto(msg: pb.Tensor) -> torch.Tensor:
@@ -318,7 +341,8 @@ def _get(obj: Any, name: str, default: Any = None) -> Any:
 
 
 def _as_list(values: Any) -> list:
-    if isinstance(values, torch.Tensor):
+    torch = sys.modules.get("torch")  # not loaded: `values` cannot be a tensor
+    if torch is not None and isinstance(values, torch.Tensor):
         return values.detach().cpu().tolist()
     if hasattr(values, "tolist"):  # numpy
         return values.tolist()
@@ -418,6 +442,8 @@ def set_rollout_scores(group: pb.RolloutGroup, scores: Sequence[Any], *, teacher
         out.teacher_logprobs.extend(_as_list(teacher))
         kl = _get(sc, "position_kl")
         if kl is not None:
+            import torch
+
             row = torch.as_tensor(kl).detach().float().cpu()
             out.position_kl.extend(row.tolist())
             if n:
@@ -425,6 +451,8 @@ def set_rollout_scores(group: pb.RolloutGroup, scores: Sequence[Any], *, teacher
                 out.position_kl_max = float(row.max())
         ids, lp = _get(sc, "support_ids"), _get(sc, "teacher_support_logprobs")
         if ids is not None and lp is not None:
+            import torch
+
             out.support_ids.CopyFrom(tensor_to_proto(ids.to(torch.int64)))
             out.teacher_support_logprobs.CopyFrom(tensor_to_proto(lp.float()))
         ent = _get(sc, "teacher_entropy")

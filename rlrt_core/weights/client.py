@@ -339,10 +339,12 @@ class WeightClient:
                    chunk_bytes=transport.weights_chunk_bytes, timeout_s=transport.weights_timeout_s,
                    rpc_timeout_s=transport.weights_rpc_timeout_s)
 
-    def version_info(self) -> wpb.VersionInfo:
-        """Latest version, its size, tensor count and checksum, and the kept versions."""
+    def version_info(self, version: int | None = None) -> wpb.VersionInfo:
+        """Latest version (or `version`: then version -1 when the server no longer keeps it),
+        its size, tensor count and checksum, and the kept versions."""
+        request = wpb.GetLatestVersionRequest() if version is None else wpb.GetLatestVersionRequest(version=version)
         try:
-            return self._stub.GetLatestVersion(wpb.GetLatestVersionRequest(), metadata=self._metadata,
+            return self._stub.GetLatestVersion(request, metadata=self._metadata,
                                                timeout=self.rpc_timeout_s)
         except grpc.RpcError as err:
             raise _wrap(err, self.target, "GetLatestVersion") from None

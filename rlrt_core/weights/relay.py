@@ -25,7 +25,6 @@ next source when the relay dies, errs, or is still behind.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import socket
 import threading
@@ -34,81 +33,18 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 from rlrt_core.weights.announce import read_announcement
+from rlrt_core.weights.records import (  # noqa: F401 - the registry, re-exported here
+    RelayRecord,
+    live_relays,
+    register_relay,
+    relay_key,
+    relays_key,
+    unregister_relay,
+)
 from rlrt_core.weights.client import HeldVersion, WeightClient, WeightServiceError
 from rlrt_core.weights.server import WeightServer
 
 log = logging.getLogger(__name__)
-
-
-def relays_key(run: str, prefix: str = "rlrt") -> str:
-    """Set of the ids of the run's relays (live or expired: readers prune)."""
-    return f"{prefix}:{run}:weights:relays"
-
-
-def relay_key(run: str, relay_id: str, prefix: str = "rlrt") -> str:
-    """One relay's record (JSON, with a TTL)."""
-    return f"{prefix}:{run}:weights:relay:{relay_id}"
-
-
-@dataclass(frozen=True)
-class RelayRecord:
-    relay_id: str
-    address: str                # host:port its clients dial
-    node: str                   # node (host) it serves
-    versions: tuple[int, ...]   # versions it holds and serves
-    last_seen: float            # unix seconds
-    bytes_sent: int = 0         # payload bytes its server sent (its egress)
-    pulled_bytes: int = 0       # payload bytes it received from upstream
-    pulling: int = -1           # version it is pulling right now (-1: none)
-
-    def to_json(self) -> str:
-        return json.dumps({"relay_id": self.relay_id, "address": self.address, "node": self.node,
-                           "versions": list(self.versions), "last_seen": self.last_seen,
-                           "bytes_sent": self.bytes_sent, "pulled_bytes": self.pulled_bytes,
-                           "pulling": self.pulling})
-
-    @classmethod
-    def from_json(cls, raw: bytes | str) -> "RelayRecord":
-        d = json.loads(raw)
-        return cls(relay_id=str(d["relay_id"]), address=str(d["address"]), node=str(d.get("node", "")),
-                   versions=tuple(int(v) for v in d.get("versions", ())), last_seen=float(d.get("last_seen", 0.0)),
-                   bytes_sent=int(d.get("bytes_sent", 0)), pulled_bytes=int(d.get("pulled_bytes", 0)),
-                   pulling=int(d.get("pulling", -1)))
-
-
-def register_relay(client: Any, run: str, record: RelayRecord, *, ttl_s: float, prefix: str = "rlrt") -> None:
-    """Write (or refresh) a relay's record with a TTL of `ttl_s`."""
-    pipe = client.pipeline(transaction=True)
-    pipe.sadd(relays_key(run, prefix), record.relay_id)
-    pipe.set(relay_key(run, record.relay_id, prefix), record.to_json(), px=max(1, int(ttl_s * 1000)))
-    pipe.execute()
-
-
-def unregister_relay(client: Any, run: str, relay_id: str, *, prefix: str = "rlrt") -> None:
-    pipe = client.pipeline(transaction=True)
-    pipe.srem(relays_key(run, prefix), relay_id)
-    pipe.delete(relay_key(run, relay_id, prefix))
-    pipe.execute()
-
-
-def live_relays(client: Any, run: str, *, prefix: str = "rlrt") -> list[RelayRecord]:
-    """The relays whose record has not expired (ids whose record expired are pruned)."""
-    ids = sorted(i.decode() if isinstance(i, bytes) else str(i) for i in client.smembers(relays_key(run, prefix)))
-    if not ids:
-        return []
-    raws = client.mget([relay_key(run, i, prefix) for i in ids])
-    out, gone = [], []
-    for rid, raw in zip(ids, raws):
-        if raw is None:
-            gone.append(rid)
-            continue
-        try:
-            out.append(RelayRecord.from_json(raw))
-        except (ValueError, KeyError, TypeError):
-            log.warning("relay record %s is not valid JSON; ignored", rid)
-    if gone:
-        client.srem(relays_key(run, prefix), *gone)
-    return out
 
 
 def _score(worker_id: str, relay_id: str) -> int:

@@ -22,7 +22,9 @@ into the buffer and returns; the sha256 checksum is computed on a background thr
 (hashlib releases the GIL), since clients need it only with the last message of a
 stream. The buffer of an evicted version that no stream is reading is reused by the next
 publish of the same layout: fresh memory costs page faults that were 3-10x the copy
-itself on the development machine.
+itself on the development machine. With `keep_versions=1` the one kept version's buffer is
+overwritten in place when no stream reads it (a new buffer only while one does, freed
+after it), so the learner holds one copy of the weights for serving, not two.
 
 Security: every RPC except Health needs `authorization: Bearer <token>` metadata (token
 compared in constant time; refused calls end UNAUTHENTICATED). With `tls_cert`/`tls_key`
@@ -36,7 +38,6 @@ import hmac
 import json
 import logging
 import os
-import secrets
 import struct
 import threading
 import time
@@ -52,6 +53,7 @@ from rlrt_core.proto import weights_pb2 as wpb
 from rlrt_core.proto import weights_pb2_grpc as wgrpc
 from rlrt_core.transport.codec import DTYPE_TO_TORCH, TORCH_TO_DTYPE, VersionHasher
 from rlrt_core.weights import delta as deltas
+from rlrt_core.weights.records import ensure_token_file, load_token  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
@@ -73,37 +75,6 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def max_message_bytes(chunk_bytes: int) -> int:
     """gRPC message size limit for a given chunk size (set on both ends explicitly)."""
     return chunk_bytes + MESSAGE_OVERHEAD
-
-
-def load_token(transport: Any) -> str:
-    """The shared weights token from `transport.weights_token` (or RLRT_WEIGHTS_TOKEN), else
-    the first line of `transport.weights_token_file`; a clear error when neither is set."""
-    if transport.weights_token:
-        return str(transport.weights_token)
-    if transport.weights_token_file:
-        path = Path(transport.weights_token_file)
-        if not path.is_file():
-            raise ValueError(f"transport.weights_token_file {path} does not exist")
-        token = path.read_text().strip()
-        if not token:
-            raise ValueError(f"transport.weights_token_file {path} is empty")
-        return token
-    raise ValueError("the weight service needs a shared token: set transport.weights_token (RLRT_WEIGHTS_TOKEN) "
-                     "or transport.weights_token_file (see rlrt_core.weights.ensure_token_file)")
-
-
-def ensure_token_file(path: str | os.PathLike[str]) -> str:
-    """Read the token in `path`, creating it (random, mode 0600) when missing: how a local
-    launcher gives the learner and its workers one shared secret."""
-    p = Path(path)
-    if p.is_file() and p.read_text().strip():
-        return p.read_text().strip()
-    p.parent.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_urlsafe(32)
-    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(token + "\n")
-    return token
 
 
 @dataclass(frozen=True)
@@ -145,10 +116,12 @@ def _hash_version(buf: bytearray, tensors: tuple[_Tensor, ...]) -> str:
 
 
 def _build_version(version: int, state_dict: Mapping[str, torch.Tensor], hasher: futures.Executor,
-                   spare: bytearray | None = None, dtype: torch.dtype | None = None) -> _Version:
+                   spare: bytearray | None = None, dtype: torch.dtype | None = None,
+                   writing: list[bytearray] | None = None) -> _Version:
     """Copy `state_dict` into one safetensors-format buffer (`spare` when its size fits),
     floating-point tensors cast to `dtype` (None = as they are) on that copy; checksum it
-    on `hasher`."""
+    on `hasher`. Every tensor is checked before the first byte is written; `writing`, when
+    given, receives the buffer just before that (so a caller knows what a failure dirtied)."""
     items = []
     header: dict[str, Any] = {}
     offset = 0
@@ -168,6 +141,8 @@ def _build_version(version: int, state_dict: Mapping[str, torch.Tensor], hasher:
     base = 8 + len(head)
     # Every byte of the buffer is written below, so a recycled one needs no clearing.
     buf = spare if spare is not None and len(spare) == base + offset else bytearray(base + offset)
+    if writing is not None:
+        writing.append(buf)
     buf[:8] = struct.pack("<Q", len(head))
     buf[8:base] = head
     tensors = []
@@ -219,8 +194,10 @@ class _Servicer(wgrpc.WeightServiceServicer):
 
     def GetLatestVersion(self, request: wpb.GetLatestVersionRequest, context: grpc.ServicerContext) -> wpb.VersionInfo:
         v, versions = self._s._snapshot()
+        if request.HasField("version"):
+            v = self._s._find(request.version)
         if v is None:
-            return wpb.VersionInfo(version=-1)
+            return wpb.VersionInfo(version=-1, available_versions=versions)
         return wpb.VersionInfo(version=v.version, total_bytes=v.total_bytes, num_tensors=len(v.tensors),
                                checksum=v.checksum, available_versions=versions)
 
@@ -438,6 +415,25 @@ class WeightServer:
         with self._lock:
             if self._latest is not None and version <= self._latest.version:
                 raise ValueError(f"weight versions must increase: {version} <= latest {self._latest.version}")
+            old = self._latest
+            if self.keep_versions == 1 and old is not None and old.readers == 0 and old.checksum_future.done():
+                # One kept version that nothing reads: overwrite its buffer in place, under the
+                # lock (a stream that starts meanwhile waits for the copy, then sends the new
+                # version), so the learner holds one version buffer, not two (docs/BENCHMARKS.md).
+                writing: list[bytearray] = []
+                try:
+                    built = _build_version(int(version), state_dict, self._hasher, old.buffer, dtype, writing)
+                except BaseException:
+                    if writing and writing[0] is old.buffer:  # half overwritten: stop serving it
+                        old.evicted = True
+                        self._versions.pop(old.version, None)
+                        self._latest = None
+                    raise
+                old.evicted = True
+                self._versions = {built.version: built}
+                self._latest = built
+                self._deltas.clear()
+                return
             spare, self._spare = self._spare, None
         built = _build_version(int(version), state_dict, self._hasher, spare, dtype)
         with self._lock:
@@ -454,7 +450,9 @@ class WeightServer:
 
     def _recycle(self, v: _Version) -> None:
         # Lock held. Reuse only when nothing reads the bytes any more (no stream, hash done).
-        if v.evicted and v.readers == 0 and v.checksum_future.done() and self._spare is None:
+        # With one kept version the next publish overwrites that one in place instead: a
+        # spare would be a second full copy of the weights held for good.
+        if v.evicted and v.readers == 0 and v.checksum_future.done() and self._spare is None and self.keep_versions > 1:
             self._spare = v.buffer
 
     @property
@@ -478,6 +476,22 @@ class WeightServer:
         with self._lock:
             v = self._kept(version)
         return v.checksum
+
+    def hold(self, version: int) -> tuple[bytearray, Any, Any]:
+        """(the safetensors-format buffer of a kept version, a callable that waits for its
+        checksum, release): the buffer is not reused until `release()` is called (once), as
+        for a stream reading it. The collective sender broadcasts it this way."""
+        with self._lock:
+            v = self._kept(version)
+            v.readers += 1
+        done = threading.Event()
+
+        def release() -> None:
+            if not done.is_set():
+                done.set()
+                self._release(v)
+
+        return v.buffer, lambda: v.checksum, release
 
     def write_safetensors(self, version: int, path: str | os.PathLike[str]) -> Path:
         """Write a kept version as a .safetensors file (e.g. under /dev/shm for an engine
@@ -572,6 +586,10 @@ class WeightServer:
         with self._lock:
             v.readers -= 1
             self._recycle(v)
+
+    def _find(self, version: int) -> _Version | None:
+        with self._lock:
+            return self._versions.get(int(version))
 
     def _snapshot(self) -> tuple[_Version | None, list[int]]:
         with self._lock:

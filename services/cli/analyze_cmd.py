@@ -24,26 +24,25 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, Optional
+from typing import TYPE_CHECKING, Any, NoReturn, Optional
 
-import torch
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from rlrt_core import analysis as an
-from rlrt_core.algorithms import position_asymmetry, position_asymmetry_topk
 from rlrt_core.config import DataConfig
 from rlrt_core.data import DataError, Problem
-from rlrt_core.engines.base import SamplingParams
 from rlrt_core.prompts import student_prompt_ids, teacher_prompt_ids
 from rlrt_core.reward import Verifier
-from rlrt_core.scoring import logprob_rows, score_views
-from services.cli.analyze_report import GREEN, GREY, PINK, Report, plt, token_heat_html
+from services.cli.analyze_report import GREEN, GREY, PINK, Report, pyplot, token_heat_html
 from services.cli.app import app
 from services.cli.eval_cmd import _load_dataset
 from services.cli.model_ref import CHECKPOINT_WEIGHTS, resolve_model_spec, run_base_model, run_checkpoints
 from services.cli.score_cmd import ModeChoice
+
+if TYPE_CHECKING:  # torch and the scoring code are imported by the commands that run them:
+    import torch  # every `rlrt` process (the launcher, `serve verifier`) imports this module
 
 console = Console(stderr=True)
 analyze_app = typer.Typer(help="The paper's diagnostics (D̄_t heat-maps, markers, reflection injection, "
@@ -117,6 +116,7 @@ class Rollout:
 def sample_rollouts(engine, verifier: Verifier, problems: list[Problem], *, n: int, max_new_tokens: int,
                     temperature: float, seed: int, batch: int, progress: Progress, label: str) -> list[list[Rollout]]:
     """n verified rollouts per problem: out[i][j] is sample j of problems[i]."""
+    from rlrt_core.engines.base import SamplingParams
     tok = engine.tokenizer
     task = progress.add_task(f"{label}: sampling", total=len(problems))
     out: list[list[Rollout]] = []
@@ -155,6 +155,7 @@ def teacher_context(ro: Rollout, group: list[Rollout]) -> str | None:
 
 def view_rows(model, tok, ro: Rollout, context: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Full-vocabulary log-prob rows [T, V] of the rollout under the student and teacher views (eq. 1)."""
+    from rlrt_core.scoring import logprob_rows
     t_prompt = teacher_prompt_ids(tok, ro.problem.prompt, context)
     s_rows, t_rows = logprob_rows(model, [ro.prompt_ids, t_prompt], [ro.token_ids, ro.token_ids])
     return s_rows, t_rows
@@ -175,6 +176,7 @@ DATA_HELP = "builtin (= arithmetic: 1-digit sums), arithmetic[:DIGITS[:OPS]], gs
 
 
 def _common_setup(out: Path, seed: int) -> None:
+    import torch
     if out.exists() and not out.is_dir():
         _fail(f"--out {out} exists and is not a directory")
     torch.manual_seed(seed)
@@ -242,6 +244,9 @@ def heatmap_cmd(
 ) -> None:
     """D̄_t = KL(P_S || P_T) shaded on every token of sampled rollouts; explore/exploit candidates
     at the top critical positions (paper sec. 4.1, Fig. 2; App. E, H)."""
+    import torch
+    from rlrt_core.algorithms import position_asymmetry, position_asymmetry_topk
+    from rlrt_core.scoring import score_views
     _common_setup(out, seed)
     name, problems = load_problems_arg(data, num_problems)
     t0 = time.perf_counter()
@@ -319,7 +324,7 @@ def heatmap_cmd(
     for r in results:
         chars = sum(max(len(t.replace("\n", "⏎")), 1) for t in r["tokens"]) + 10 * sum("\n" in t for t in r["tokens"])
         heights.append(max(1, math.ceil(chars / 80)))
-    fig, axes = plt.subplots(len(results), 1, figsize=(10, 0.3 * sum(heights) + 0.45 * len(results)),
+    fig, axes = pyplot().subplots(len(results), 1, figsize=(10, 0.3 * sum(heights) + 0.45 * len(results)),
                              gridspec_kw={"height_ratios": heights}, squeeze=False)
     for ax, r in zip(axes[:, 0], results):
         verdict = "correct" if r["reward"] >= 0.5 else "wrong"
@@ -335,7 +340,7 @@ def heatmap_cmd(
     panels = [(ri, c) for ri, r in enumerate(results) for c in r["critical"]]
     ncols = min(3, len(panels))
     nrows = math.ceil(len(panels) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 2.6 * nrows), squeeze=False)
+    fig, axes = pyplot().subplots(nrows, ncols, figsize=(4.2 * ncols, 2.6 * nrows), squeeze=False)
     for ax in axes.flat:
         ax.set_axis_off()
     for ax, (ri, c) in zip(axes.flat, panels):
@@ -360,7 +365,7 @@ def heatmap_cmd(
                        ", ".join(f"{e['token']!r} {e['p_teacher'] - e['p_student']:+.3f}" for e in c["exploit"])]
                       for c in r["critical"]])
     # Figure 3: distribution of D̄_t over all shown positions (sparsity of critical positions, App. H).
-    fig, ax = plt.subplots(figsize=(6, 3))
+    fig, ax = pyplot().subplots(figsize=(6, 3))
     vals = torch.tensor(all_dbar).clamp_min(1e-8)
     ax.hist(vals.log10().tolist(), bins=40, color=GREY)
     ax.set_xlabel("log10 D̄_t (nats)")
@@ -473,7 +478,7 @@ def markers_cmd(
                 f"e_v + x_v ≥ {min_count}, |z_v| ≥ {z_threshold:g}, not among {len(an.english_stop_words())} NLTK "
                 f"English stop words nor {len(an.math_stop_words())} maths stop words.")
     words = [r for r in table if r["word"]]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [1, 1.3]})
+    fig, axes = pyplot().subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [1, 1.3]})
     ax = axes[0]
     grey = [r for r in words if not r["marker"]]
     ax.scatter([r["log2_ratio"] for r in grey], [math.log10(r["explore"] + r["exploit"]) for r in grey],
@@ -532,6 +537,8 @@ def reflection_for_model(engine, verifier: Verifier, problems: list[Problem], *,
                          temperature: float, seed: int, batch: int, reflection: str, max_rollouts: int,
                          progress: Progress, label: str) -> dict[str, Any]:
     """Sec. 6.2 on one model: sample, split hard/easy, inject at max_kl/random/min_kl, continue, verify."""
+    from rlrt_core.algorithms import position_asymmetry
+    from rlrt_core.engines.base import SamplingParams
     tok, net = engine.tokenizer, engine.model
     groups = sample_rollouts(engine, verifier, problems, n=samples, max_new_tokens=max_new_tokens,
                              temperature=temperature, seed=seed, batch=batch, progress=progress, label=label)
@@ -652,7 +659,7 @@ def reflection_cmd(
                 f"the teacher context.")
     markers_ = {"max_kl": "s", "random": "o", "min_kl": "^"}
     colors = {"max_kl": GREEN, "random": GREY, "min_kl": PINK}
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = pyplot().subplots(1, 2, figsize=(10, 3.8))
     steps = [m["step"] for m in per_model]
     for ax, kind, title in ((axes[0], "flip_to_R", "(a) flip→R, hard subset"),
                             (axes[1], "flip_to_W", "(b) flip→W, easy subset")):
@@ -711,6 +718,8 @@ def shift_cmd(
     """Where and how π_ft's next-token distribution moved from π_base (paper sec. 6.3, Fig. 7): CCDF of
     JS(π_ft‖π_base) over positions of π_ft rollouts on hard prompts, top-k overlap and tail promotion at
     positions with JS > 0.1."""
+    import torch
+    from rlrt_core.scoring import logprob_rows
     _common_setup(out, seed)
     name, problems = load_problems_arg(data, num_problems)
     t0 = time.perf_counter()
@@ -760,7 +769,7 @@ def shift_cmd(
                 f"{len(problems)} screened; {ft_rollouts} π_ft rollout(s) each, {summary['positions']} positions. "
                 f"At every position of a π_ft rollout both models' full next-token distributions are compared on "
                 f"the same prefix. High-divergence: JS > {js_high:g} nats ({summary['high_divergence']} positions).")
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = pyplot().subplots(1, 3, figsize=(13, 3.6))
     ax = axes[0]
     ax.plot(x_grid.tolist(), ccdf.tolist(), color=GREEN)
     ax.axvline(js_high, color="#333", ls="--", lw=0.8)

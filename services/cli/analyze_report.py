@@ -12,18 +12,32 @@ import html
 import io
 import json
 import math
+from functools import cache
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display on servers; must precede pyplot
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.colors import LinearSegmentedColormap  # noqa: E402
-
 # The paper's heat-map colours: pink = routine (low D̄_t), green = critical (high D̄_t).
 PINK, GREEN, GREY = "#e7298a", "#1b9e77", "#9e9e9e"
-HEAT_CMAP = LinearSegmentedColormap.from_list("rlrt_heat", ["#fbe3ef", "#ffffff", "#c7ead9", "#1b9e77"])
+
+
+@cache
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend, imported on first use: every `rlrt` process (the
+    services too) imports the CLI, and matplotlib costs each ~45 MB."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+@cache
+def heat_cmap() -> Any:
+    """The D̄_t heat-map colour map (pink - white - green)."""
+    from matplotlib.colors import LinearSegmentedColormap
+
+    return LinearSegmentedColormap.from_list("rlrt_heat", ["#fbe3ef", "#ffffff", "#c7ead9", "#1b9e77"])
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -78,7 +92,7 @@ class Report:
         path = self.out / f"{name}.png"
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-        plt.close(fig)
+        pyplot().close(fig)
         data = buf.getvalue()
         path.write_bytes(data)
         self.figures.append(path)
@@ -106,9 +120,9 @@ class Report:
 
 
 def heat_color(value: float, vmax: float) -> str:
-    """Hex colour of a D̄_t value on HEAT_CMAP, scaled to [0, vmax]."""
+    """Hex colour of a D̄_t value on `heat_cmap()`, scaled to [0, vmax]."""
     frac = 0.0 if vmax <= 0 or not math.isfinite(value) else min(max(value / vmax, 0.0), 1.0)
-    r, g, b, _ = HEAT_CMAP(frac)
+    r, g, b, _ = heat_cmap()(frac)
     return f"#{int(r * 255):02x}{int(g * 255):02x}{int(b * 255):02x}"
 
 

@@ -134,6 +134,11 @@ def serve(
     if service not in (*SERVICES, "relay"):
         console.print(f"[red]error:[/red] unknown service {service!r}; choose one of {', '.join(SERVICES)}, relay")
         raise typer.Exit(2)
+    from rlrt_core.heap import limit_arenas
+
+    # Before any service thread exists: every thread that allocates would get its own glibc
+    # heap (gRPC, torch, uvicorn threads), each keeping what it freed (rlrt_core.heap).
+    limit_arenas(2)
     cfg = _load(config)
     from services.common.runtime import default_worker_id
 

@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -54,15 +55,20 @@ def read_services(client: Any, prefix: str, run: str, *, heartbeat_s: float = 5.
     return sorted(out, key=lambda r: (r.get("service", ""), r.get("worker", "")))
 
 
+def _weight_service_error() -> tuple[type, ...]:
+    """The weight client's error type, when that client is loaded (it loads torch, which a
+    service that pulls no weights, e.g. the verifier, must not import to classify an error)."""
+    client = sys.modules.get("rlrt_core.weights.client")
+    return (client.WeightServiceError,) if client is not None else ()
+
+
 def error_kind(err: BaseException) -> str:
     """Short label of an error for `rlrt_errors_total{kind}`."""
     import redis
 
-    from rlrt_core.weights.client import WeightServiceError
-
     if isinstance(err, (redis.ConnectionError, redis.TimeoutError)):
         return "redis"
-    if isinstance(err, WeightServiceError):
+    if isinstance(err, _weight_service_error()):
         return "weights"
     if isinstance(err, TimeoutError):
         return "timeout"
@@ -78,9 +84,7 @@ def is_transient(err: BaseException) -> bool:
     is retried without charging its entries a delivery."""
     import redis
 
-    from rlrt_core.weights.client import WeightServiceError
-
-    return isinstance(err, (redis.ConnectionError, redis.TimeoutError, WeightServiceError, ConnectionError))
+    return isinstance(err, (redis.ConnectionError, redis.TimeoutError, _weight_service_error(), ConnectionError))
 
 
 def setup_logging(worker: str) -> None:

@@ -22,6 +22,19 @@ fails mid-pull, or does not hold the version within `transport.weights_relay_wai
 passed over (`rlrt_{rollout,teacher}_weight_source_fallbacks_total`) for the next one, and
 the learner is the last source, so the worker always ends with the announced version,
 sha256-verified like any pull.
+
+With `transport.weights_backend: collective` the learner also broadcasts every version to
+the workers through a torch.distributed group (`rlrt_core.weights.collective`; the receiver
+runs on a thread here, or inside vLLM's workers, joined through the sender's address on
+Redis). `sync()` then waits up to `transport.weights_collective_timeout_s` for the announced
+version to be staged by the receiver, checks its sha256 against the checksum the weight
+server reports for that version (the gRPC control plane), and loads it. Whatever goes wrong
+(no sender, not in a group yet, timeout, failed broadcast, checksum, no answer from the weight
+server, engine refusal) ends in
+the gRPC pull above, counted in `rlrt_{rollout,teacher}_weight_collective_fallbacks_total`
+by reason; versions loaded from the collective are counted in
+`..._weight_collective_versions_total`. A collective load drops the held delta base (the
+bytes live in the receiver, or in vLLM's workers), so the next gRPC pull is a full one.
 """
 
 from __future__ import annotations
@@ -34,6 +47,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from rlrt_core import heap
 from rlrt_core.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -53,7 +67,7 @@ class WeightSync:
     def __init__(self, cfg: RunConfig, redis_client, load: Loader, *, version: int = 0,
                  on_loaded: Callable[[int, float], None] | None = None,
                  on_wait: Callable[[str | None], None] | None = None, metrics: Any = None,
-                 worker: str | None = None) -> None:
+                 worker: str | None = None, collective: Any = None) -> None:
         self.cfg = cfg
         self.redis = redis_client
         self.load = load
@@ -67,6 +81,13 @@ class WeightSync:
         self.worker = worker or getattr(metrics, "worker", None) or f"{socket.gethostname()}-{os.getpid()}"
         self._learner: str | None = None
         self._sources = None
+        # The member side of the collective data plane: the engine's link (vLLM's runs inside
+        # its workers), else a receiver on a thread here loading through `load`.
+        self._link = None
+        if cfg.transport.weights_backend == "collective":
+            from rlrt_core.weights.collective import LocalCollectiveLink
+
+            self._link = collective if collective is not None else LocalCollectiveLink(load)
         if cfg.transport.weights_relay == "auto":
             from rlrt_core.weights.relay import RelaySources, node_name
 
@@ -124,7 +145,9 @@ class WeightSync:
                 if a is not None and a.version >= 0 and a.version != self.version:
                     self.on_wait(f"weight version {a.version} from the weight server")
                     t0 = time.perf_counter()
-                    got = self._pull(a.version, a.address)
+                    got = self._via_collective(a.version, a.address) if self._link is not None else None
+                    if got is None:
+                        got = self._pull(a.version, a.address)
                     if self.on_loaded is not None:
                         self.on_loaded(got, time.perf_counter() - t0)
                 if self.version >= min_version or not wait or stop():
@@ -137,6 +160,53 @@ class WeightSync:
                 time.sleep(poll_s)
         finally:
             self.on_wait(None)
+
+    def _collective_fallback(self, reason: str, detail: str = "") -> None:
+        log.info("weight version over gRPC, not the collective: %s%s", reason, f" ({detail})" if detail else "")
+        if self.metrics is not None:
+            self.metrics.weight_collective_fallbacks.labels(reason=reason).inc()
+
+    def _via_collective(self, version: int, address: str) -> int | None:
+        """Load `version` (or a newer one) from the collective receiver; None (counted) when
+        it does not come or does not verify: the caller pulls over gRPC."""
+        from rlrt_core.weights.collective import read_sender
+
+        t = self.cfg.transport
+        info = read_sender(self.redis, self.cfg.run_name, prefix=t.stream_prefix)
+        if info is None:
+            self._collective_fallback("no_sender")
+            return None
+        try:
+            self._link.connect(info, t.weights_collective_timeout_s)
+        except Exception as err:  # noqa: BLE001 - e.g. an NCCL sender and no CUDA here
+            self._collective_fallback("not_member", str(err))
+            return None
+        staged, why = self._link.wait(version, t.weights_collective_timeout_s)
+        if staged is None:
+            self._collective_fallback(why)
+            return None
+        # The control plane's word on these bytes: the checksum the weight server gives for
+        # that version (authenticated gRPC), not only the broadcast header's.
+        try:
+            served = self._client_for(self._learner_target(address)).version_info(staged.version)
+        except Exception as err:  # noqa: BLE001
+            self._collective_fallback("unverified", f"cannot ask the weight server: {err}")
+            return None
+        if served.version != staged.version or served.checksum != staged.checksum:
+            self._collective_fallback("checksum", f"version {staged.version}: the weight server reports "
+                                                  f"{served.version} / {served.checksum[:16]}…")
+            return None
+        try:
+            self._link.apply(staged)
+        except Exception as err:  # noqa: BLE001 - the engine kept its previous weights
+            self._collective_fallback("apply", str(err))
+            return None
+        self.held = None  # the bytes stay with the receiver: the next gRPC pull is a full one
+        self.version = staged.version
+        if self.metrics is not None:
+            self.metrics.weight_collective_versions.inc()
+        log.info("loaded weight version %d from the collective (%d bytes)", staged.version, staged.nbytes)
+        return staged.version
 
     def _pull(self, version: int, address: str = "") -> int:
         learner = self._learner_target(address)
@@ -192,11 +262,14 @@ class WeightSync:
             self.metrics.weight_received_bytes.inc(received)
             self.metrics.weight_source_pulls.labels(source=source).inc()
         self.version = got
+        heap.trim()  # the received version (a full model's bytes) was freed once loaded
         log.info("loaded weight version %d from %s %s (%s, %d bytes received%s)", got, source, client.target, kind,
                  received, f": {why}" if why else "")
         return got
 
     def close(self) -> None:
+        if self._link is not None:
+            self._link.close()
         for client in self._clients.values():
             client.close()
         self._clients.clear()

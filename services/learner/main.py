@@ -16,6 +16,7 @@ import logging
 import os
 import random
 import socket
+import sys
 
 import torch
 from pydantic import BaseModel, Field
@@ -75,9 +76,27 @@ def run(cfg: RunConfig, worker: str) -> int:
         setup_logging(f"{worker}-rank{rank}")
         torch.manual_seed(lc.seed)
         random.seed(lc.seed)
-        return follower_main(cfg)
+        code = follower_main(cfg)
+        # Leave without tearing down the process group or the interpreter: after a clean stop,
+        # gloo's threads being destroyed while rank 0 exits sometimes abort the process
+        # ("terminate called without an active exception", exit -6), which torchrun counts as a
+        # failed rank. A follower holds nothing to save (rank 0 writes checkpoints; shard writes
+        # were acknowledged), and the OS closes its sockets.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     rt = ServiceRuntime("learner", cfg, worker)
     rt.install_signal_handlers()
+    if cfg.transport.weights_backend == "collective":  # before the model: refuse what cannot run here
+        from rlrt_core.weights.collective import resolve_backend
+
+        try:
+            resolve_backend(cfg.transport.weights_collective_backend)
+        except ValueError as err:
+            log.error("transport.weights_collective_backend %s: %s", cfg.transport.weights_collective_backend, err)
+            rt.close()
+            return 2
     torch.manual_seed(lc.seed)
     random.seed(lc.seed)
     holder: dict[str, LearnerLoop] = {}
@@ -144,11 +163,32 @@ def run(cfg: RunConfig, worker: str) -> int:
         raise
     address = f"{advertised_host(cfg)}:{server.port}"
     log.info("weight server listening on %s:%d (announced as %s)", cfg.transport.weights_host, server.port, address)
+    sender = weights = None
+    if cfg.transport.weights_backend == "collective":
+        from rlrt_core.weights.collective import CollectivePublisher, CollectiveSender, announce_sender
+
+        t = cfg.transport
+        try:
+            sender = CollectiveSender(host=t.weights_host, port=0, backend=t.weights_collective_backend,
+                                      timeout_s=t.weights_collective_timeout_s, metrics=rt.metrics)
+        except (ValueError, RuntimeError) as err:
+            log.error("transport.weights_backend collective: %s", err)
+            server.stop(grace_s=0)
+            if isinstance(learner, RankedLearner):
+                learner.close()
+            rt.close()
+            return 2
+        weights = CollectivePublisher(server, sender)
+        sender_address = sender.address(advertised_host(cfg))
+        log.info("collective weight sender (%s) on %s", sender.backend, sender_address)
 
     def announce(version: int) -> None:
+        if sender is not None:  # again with every version: a fresh run or a Redis data loss clears the key
+            announce_sender(rt.redis, cfg.run_name, address=sender_address, backend=sender.backend,
+                            prefix=cfg.transport.stream_prefix)
         announce_version(rt.redis, cfg.run_name, version, prefix=cfg.transport.stream_prefix, address=address)
 
-    loop = LearnerLoop(cfg, learner, problems, bus=rt.bus, weights=server, announce=announce,
+    loop = LearnerLoop(cfg, learner, problems, bus=rt.bus, weights=weights or server, announce=announce,
                        read_announced=lambda: read_announced_version(rt.redis, cfg.run_name,
                                                                      prefix=cfg.transport.stream_prefix),
                        worker=worker, vocab_size=vocab_size,
@@ -179,6 +219,8 @@ def run(cfg: RunConfig, worker: str) -> int:
     finally:
         if isinstance(learner, RankedLearner):
             learner.close(stop_followers=code == 0)
+        if sender is not None:
+            sender.close()
         server.stop(grace_s=2.0)
         rt.close()
     log.info("finished at step %d (version %d)", loop.step, loop.version)

@@ -1,8 +1,10 @@
 """Rollout worker: `prompts` -> K completions per prompt -> `rollouts`.
 
 Streaming (`rollout.streaming: true`; engines with a streaming API: torch and vLLM): the worker
-keeps up to `rollout.max_inflight_groups` groups in its engine. Between decode steps it takes
-new PromptTasks into free slots, loads a newer announced weight version in place (in-flight
+keeps its engine's rows full: a budget of `rollout.max_inflight_groups` x K completion rows, and
+a new PromptTask is taken whenever K rows are free (a completion that ended frees its row even
+while its group waits for a slower sibling; vLLM's stream counts a group's K rows until the
+whole group ends). Between decode steps it takes new PromptTasks into free rows, loads a newer announced weight version in place (in-flight
 sequences keep going; every token records its version, a group's version is its oldest
 token's), and publishes each group as soon as its K completions end, atomically with its
 task's ack (one `ack_many` per round of finished groups). In-flight tasks are touched so no
@@ -24,6 +26,7 @@ from __future__ import annotations
 import logging
 import time
 
+from rlrt_core import heap
 from rlrt_core.config import RunConfig
 from rlrt_core.engines import GenerationResult, SamplingParams, derive_seed, make_engine
 from rlrt_core.metrics import RateWindow
@@ -67,7 +70,8 @@ def run(cfg: RunConfig, worker: str) -> int:
         m.weight_load_seconds.observe(seconds)
 
     sync = WeightSync(cfg, rt.redis, engine.load_weights, version=engine.version, on_loaded=on_loaded,
-                      on_wait=rt.wait_for, metrics=m)
+                      on_wait=rt.wait_for, metrics=m,
+                      collective=engine.collective_link() if cfg.transport.weights_backend == "collective" else None)
     rt.bus.ensure_group(st.input, st.group)
     m.weight_version.set(engine.version)
     sp_cfg = cfg.rollout
@@ -76,7 +80,8 @@ def run(cfg: RunConfig, worker: str) -> int:
             stream = engine.start_stream()
         except NotImplementedError as err:
             log.warning("rollout.streaming is on but %s; generating batch-synchronously", err)
-    max_inflight = sp_cfg.max_inflight_groups or sp_cfg.groups_per_batch
+    # admission by rows, not groups: see the module docstring
+    row_budget = (sp_cfg.max_inflight_groups or sp_cfg.groups_per_batch) * sp_cfg.n_samples
     rt.set_ready(True)
     rate = RateWindow()
     limits = Limits(vocab_size=engine.vocab_size, max_model_len=cfg.model.max_model_len)
@@ -192,6 +197,7 @@ def run(cfg: RunConfig, worker: str) -> int:
             n_tok += sum(len(c.token_ids) for c in res_k.completions)
             outputs.append((e, g))
         publish(outputs, n_tok, [gen_s])
+        heap.trim()  # the batch's KV cache was freed (rlrt_core.heap)
         log.info("v%d: %d groups, %d tokens in %.1fs (%.0f tok/s)", engine.version, len(outputs), n_tok, gen_s,
                  n_tok / max(gen_s, 1e-9))
         return True
@@ -204,7 +210,10 @@ def run(cfg: RunConfig, worker: str) -> int:
         # a tiny model's decode step takes a few ms, a Redis round trip about as long.
         if not inflight or now - last_poll[0] >= POLL_S:
             last_poll[0] = now
-            free = max_inflight - len(inflight) - len(deferred)
+            # tasks set aside for their min_version will need their rows too; a task with n_samples
+            # above K may overshoot the budget by its extra rows
+            free = (row_budget - stream.rows - sum(int(t.n_samples) or sp_cfg.n_samples
+                                                   for _, t, _, _ in deferred.values())) // sp_cfg.n_samples
             if free > 0:
                 # block only when the engine has nothing to do
                 block = 0 if inflight else (cfg.transport.block_ms if not deferred else 200)

@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from rlrt_core import heap
 from rlrt_core.config import RunConfig
 from rlrt_core.engines import make_teacher_engine
 from rlrt_core.methods import rollouts_to_score
@@ -61,7 +62,8 @@ def run(cfg: RunConfig, worker: str) -> int:
         m.teacher_weight_load_seconds.observe(seconds)
 
     sync = WeightSync(cfg, rt.redis, engine.load_weights, version=engine.version, on_loaded=on_loaded,
-                      on_wait=rt.wait_for, metrics=m)
+                      on_wait=rt.wait_for, metrics=m,
+                      collective=engine.collective_link() if cfg.transport.weights_backend == "collective" else None)
     rt.bus.ensure_group(rt.stage.input, rt.stage.group)
     rt.set_ready(True)
     limits = Limits(vocab_size=engine.vocab_size, max_model_len=cfg.model.max_model_len)
@@ -103,7 +105,10 @@ def run(cfg: RunConfig, worker: str) -> int:
 
     def step() -> bool:
         sync.sync()
-        return relay_groups(rt, count=4, handle=handle, counters=counters, limits=limits)
+        moved = relay_groups(rt, count=4, handle=handle, counters=counters, limits=limits)
+        if moved:
+            heap.trim()  # the batch's logits and activations were freed (rlrt_core.heap)
+        return moved
 
     try:
         # A failed batch leaves its entries pending for us: re-read them next round.
