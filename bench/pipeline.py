@@ -12,6 +12,9 @@ configuration alike. Per configuration it prints (median over repeats, [min-max]
   tok/s, steps/min  trained tokens and learner steps per wall second after `--warmup` steps
                     (from metrics.jsonl: the window runs from the warm-up row to the last row)
   learner busy/idle sum of `time/step_s` and of `time/wait_data_s` over the window / window
+  learner s/step    mean `time/step_s` over the window: what one step costs the learner,
+                    whatever its token count (trained tokens per step change with response
+                    lengths, i.e. with how fast a method learns, so tok/s alone can mislead)
   rollout busy      Δ rlrt_rollout_engine_busy_seconds_total over the window / window, mean over
                     workers (scraped from each worker's /metrics every tick)
   teacher busy      Δ rlrt_teacher_score_seconds_sum over the window / window
@@ -21,6 +24,8 @@ configuration alike. Per configuration it prints (median over repeats, [min-max]
                     stages also slow each other down, which no bound of this kind sees.
   peak RSS          per service, the highest VmHWM of its processes (sampled from
                     /proc/<pid>/status of every descendant; a service's helpers count to it)
+  vs first          median tok/s over the first configuration's; "steps vs first" the same
+                    for steps/min
   foreign load      CPU seconds per wall second used on this box by processes that are not
                     this bench or its descendants (/proc/stat minus /proc/<pid>/stat), and
                     /proc/loadavg. When any run of a comparison saw more foreign load than
@@ -234,6 +239,7 @@ class RunResult:
     foreign_cores: float = 0.0
     loadavg_max: float = 0.0
     run_dir: str = ""
+    learner_step_s: float | None = None  # mean time/step_s over the window
 
 
 def run_once(recipe: Path, setup: Setup, steps: int, warmup: int, run_dir: Path, repeat: int,
@@ -284,7 +290,7 @@ def run_once(recipe: Path, setup: Setup, steps: int, warmup: int, run_dir: Path,
                      bound_tokens_per_s=bound, slowest_stage=slowest,
                      peak_rss_mib={k: v / 1024 for k, v in sorted(sampler.peak_kib.items())},
                      foreign_cores=sampler.foreign_cores(), loadavg_max=max(sampler.load, default=0.0),
-                     run_dir=str(run_dir))
+                     run_dir=str(run_dir), learner_step_s=step_s / n)
 
 
 # -- the table ------------------------------------------------------------------------------
@@ -308,9 +314,9 @@ def service_kind(worker: str) -> str:
 
 def table(setups: list[Setup], results: list[RunResult], max_foreign: float) -> str:
     """The Markdown table of a suite (one row per configuration) and a note per refusal."""
-    head = ("| config | runs | tok/s | steps/min | learner busy | learner idle | rollout busy | teacher busy "
-            "| bound tok/s (slowest) | of bound | peak RSS MiB | foreign cores | vs first |")
-    lines = [head, "|" + "---|" * 13]
+    head = ("| config | runs | tok/s | steps/min | learner s/step | learner busy | learner idle | rollout busy "
+            "| teacher busy | bound tok/s (slowest) | of bound | peak RSS MiB | foreign cores | vs first | steps vs first |")
+    lines = [head, "|" + "---|" * 15]
     by = {s.name: [r for r in results if r.setup == s.name] for s in setups}
     base = by[setups[0].name]
     base_busy = any(r.foreign_cores > max_foreign for r in base)
@@ -332,14 +338,16 @@ def table(setups: list[Setup], results: list[RunResult], max_foreign: float) -> 
         total = max(sum(r.peak_rss_mib.values()) for r in rs)
         rss = " ".join(f"{k} {v:.0f}" for k, v in sorted(kinds.items())) + f" total {total:.0f}"
         foreign = max(r.foreign_cores for r in rs)
+        spm = [r.steps_per_min for r in rs]
         if s is setups[0]:
-            ratio = "1.00x" if not base_busy else "refused: box busy"
+            ratio = steps_ratio = "1.00x" if not base_busy else "refused: box busy"
         elif not base:
-            ratio = "n/a: no run of the first configuration"
+            ratio = steps_ratio = "n/a: no run of the first configuration"
         elif base_busy or foreign > max_foreign:
-            ratio = "refused: box busy"
+            ratio = steps_ratio = "refused: box busy"
         else:
             ratio = f"{_med(tps) / _med([r.tokens_per_s for r in base]):.2f}x"
+            steps_ratio = f"{_med(spm) / _med([r.steps_per_min for r in base]):.2f}x"
         if ratio.startswith("refused"):
             notes.append(f"{s.name}: foreign load up to {foreign:.2f} cores (limit {max_foreign:.2f}; first "
                          f"configuration {max((r.foreign_cores for r in base), default=0.0):.2f}), load average up to "
@@ -347,11 +355,11 @@ def table(setups: list[Setup], results: list[RunResult], max_foreign: float) -> 
         slow = max({r.slowest_stage for r in rs if r.slowest_stage}, key=lambda k: sum(r.slowest_stage == k for r in rs),
                    default="n/a")
         lines.append(
-            f"| {s.name} | {len(rs)} | {_spread(tps, '.1f')} | {_spread([r.steps_per_min for r in rs], '.2f')} "
-            f"| {_opt([r.learner_busy for r in rs], '.2f')} | {_opt([r.learner_idle for r in rs], '.2f')} "
+            f"| {s.name} | {len(rs)} | {_spread(tps, '.1f')} | {_spread(spm, '.2f')} "
+            f"| {_opt([r.learner_step_s for r in rs], '.1f')} | {_opt([r.learner_busy for r in rs], '.2f')} | {_opt([r.learner_idle for r in rs], '.2f')} "
             f"| {_opt([r.rollout_busy for r in rs], '.2f')} | {_opt([r.teacher_busy for r in rs], '.2f')} "
             f"| {(_opt(bounds, '.1f') + f' ({slow})') if bounds else 'n/a'} "
-            f"| {_opt(of_bound, '.2f')} | {rss} | {foreign:.2f} | {ratio} |")
+            f"| {_opt(of_bound, '.2f')} | {rss} | {foreign:.2f} | {ratio} | {steps_ratio} |")
     return "\n".join(lines + ([""] + [f"note: {n}" for n in notes] if notes else []))
 
 

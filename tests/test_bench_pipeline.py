@@ -18,23 +18,26 @@ sys.modules["bench_pipeline"] = bp
 spec.loader.exec_module(bp)
 
 
-def result(name: str, tps: float, foreign: float, rep: int = 0) -> "bp.RunResult":
-    return bp.RunResult(setup=name, repeat=rep, steps=3, window_s=30.0, tokens_per_s=tps, steps_per_min=6.0,
+def result(name: str, tps: float, foreign: float, rep: int = 0, spm: float = 6.0) -> "bp.RunResult":
+    return bp.RunResult(setup=name, repeat=rep, steps=3, window_s=30.0, tokens_per_s=tps, steps_per_min=spm,
                         learner_busy=0.8, learner_idle=0.1, rollout_busy=0.5, teacher_busy=0.1,
                         bound_tokens_per_s=tps / 0.8, slowest_stage="learner",
                         peak_rss_mib={"learner-0": 1000.0, "rollout-0": 500.0, "rollout-1": 400.0},
-                        foreign_cores=foreign, loadavg_max=1.0)
+                        foreign_cores=foreign, loadavg_max=1.0, learner_step_s=48.0 / spm)
 
 
 SETUPS = [bp.Setup("a", {}), bp.Setup("b", {})]
 
 
 def test_quiet_box_prints_median_ratio_and_rss_per_service_kind():
-    rows = bp.parse_table(bp.table(SETUPS, [result("a", 10, 0.0), result("b", 30, 0.05), result("a", 20, 0.0, 1),
-                                            result("b", 40, 0.1, 1)], max_foreign=0.2))
+    rows = bp.parse_table(bp.table(SETUPS, [result("a", 10, 0.0), result("b", 30, 0.05, spm=8.0),
+                                            result("a", 20, 0.0, 1), result("b", 40, 0.1, 1, spm=10.0)], max_foreign=0.2))
     assert [r["config"] for r in rows] == ["a", "b"]
-    assert rows[0]["vs first"] == "1.00x"
+    assert rows[0]["vs first"] == "1.00x" and rows[0]["steps vs first"] == "1.00x"
     assert rows[1]["vs first"] == "2.33x"  # median 35 / median 15
+    # tokens per step differ between configurations, so the step rate has its own ratio
+    assert rows[1]["steps vs first"] == "1.50x"  # median 9 / 6
+    assert rows[0]["learner s/step"] == "8.0" and rows[1]["learner s/step"] == "5.4"  # median of 6.0 and 4.8
     assert rows[1]["tok/s"] == "35.0 [30.0-40.0]"
     assert rows[0]["of bound"] == "0.80"
     assert rows[0]["peak RSS MiB"] == "learner 1000 rollout 900 total 1900"
@@ -45,7 +48,7 @@ def test_busy_box_refuses_the_ratio_and_says_why(busy):
     text = bp.table(SETUPS, [result("a", 10, 0.9 if busy == "a" else 0.0), result("b", 30, 0.9 if busy == "b" else 0.0)],
                     max_foreign=0.2)
     rows = bp.parse_table(text)
-    assert rows[1]["vs first"] == "refused: box busy"
+    assert rows[1]["vs first"] == "refused: box busy" and rows[1]["steps vs first"] == "refused: box busy"
     assert "box was busy with something else" in text and "0.90 cores" in text
 
 
@@ -65,6 +68,8 @@ def test_tiny_recipe_run_prints_a_sane_table(tmp_path):
             assert 0.0 <= float(r[col]) <= 1.05, (col, r[col])
         bound, slowest = r["bound tok/s (slowest)"].split()
         assert float(bound) > 0 and slowest in ("(learner)", "(rollout)", "(teacher)")
+        # a step's learner time is its busy share of the window over the steps in it
+        assert 0 < float(r["learner s/step"]) <= float(r["learner busy"]) * 60 / float(r["steps/min"]) * 1.05 + 0.1
         rss = r["peak RSS MiB"].split()
         kinds = dict(zip(rss[::2], map(float, rss[1::2])))
         assert {"learner", "rollout", "teacher", "verifier", "redis", "total"} <= set(kinds)
@@ -80,4 +85,4 @@ def test_tiny_recipe_run_prints_a_sane_table(tmp_path):
 def test_a_failed_first_configuration_leaves_no_ratio():
     rows = bp.parse_table(bp.table(SETUPS, [result("b", 30, 0.0)], max_foreign=0.2))
     assert [r["config"] for r in rows] == ["b"]
-    assert rows[0]["vs first"] == "n/a: no run of the first configuration"
+    assert rows[0]["vs first"] == rows[0]["steps vs first"] == "n/a: no run of the first configuration"
