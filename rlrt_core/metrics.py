@@ -87,6 +87,35 @@ COLLECTIVE_FALLBACKS = ("no_sender", "not_member", "timeout", "broken", "checksu
 
 R, V, T, L, Y = ("rollout",), ("verifier",), ("teacher",), ("learner",), ("relay",)
 
+
+def _weight_sync_specs(services: tuple[str, ...]) -> tuple[MetricSpec, ...]:
+    """The counters of `services.common.weight_sync.WeightSync`, one set per service that holds
+    weights (rollout, teacher): pulls by kind and by source, bytes, relay and collective fallbacks."""
+    svc = services[0]
+    return (
+        _c("weight_pulls", f"rlrt_{svc}_weight_pulls_total", "", services,
+           "Weight versions pulled, by kind: full (no version held), delta (rebuilt from the held one), "
+           "fallback (a delta was refused or failed its checks, and the version came in full).",
+           label="kind", label_values=("full", "delta", "fallback")),
+        _c("weight_received_bytes", f"rlrt_{svc}_weight_received_bytes_total", "bytes", services,
+           "Weight payload bytes received from the weight server (deltas as encoded)."),
+        _c("weight_source_pulls", f"rlrt_{svc}_weight_source_pulls_total", "", services,
+           "Weight versions pulled, by source: a weight relay, or the learner itself.",
+           label="source", label_values=("relay", "learner")),
+        _c("weight_source_fallbacks", f"rlrt_{svc}_weight_source_fallbacks_total", "", services,
+           "Weight relays passed over for a version, by reason: unavailable (gone or failed mid-pull), "
+           "behind (did not hold the version within transport.weights_relay_wait_s).",
+           label="reason", label_values=("unavailable", "behind")),
+        _c("weight_collective_versions", f"rlrt_{svc}_weight_collective_versions_total", "versions", services,
+           "Weight versions loaded from the collective data plane (transport.weights_backend: collective)."),
+        _c("weight_collective_fallbacks", f"rlrt_{svc}_weight_collective_fallbacks_total", "", services,
+           "Versions that came over gRPC instead of the collective, by reason: no_sender, not_member (not in a "
+           "live group yet), timeout, broken (the broadcast failed), checksum (bytes or checksum differ from the "
+           "weight server's), unverified (the weight server could not be asked), apply (the engine refused the "
+           "staged version).",
+           label="reason", label_values=COLLECTIVE_FALLBACKS),
+    )
+
 METRICS: tuple[MetricSpec, ...] = (
     # -- every service -------------------------------------------------------------------
     _g("build_info", "rlrt_build_info", "", ALL,
@@ -123,27 +152,7 @@ METRICS: tuple[MetricSpec, ...] = (
        "Policy weight version the engine currently generates with."),
     _h("weight_load_seconds", "rlrt_rollout_weight_load_seconds", "seconds", R,
        "Time to fetch a new weight version and load it into the engine."),
-    _c("weight_pulls", "rlrt_rollout_weight_pulls_total", "", R,
-       "Weight versions pulled, by kind: full (no version held), delta (rebuilt from the held one), "
-       "fallback (a delta was refused or failed its checks, and the version came in full).",
-       label="kind", label_values=("full", "delta", "fallback")),
-    _c("weight_received_bytes", "rlrt_rollout_weight_received_bytes_total", "bytes", R,
-       "Weight payload bytes received from the weight server (deltas as encoded)."),
-    _c("weight_source_pulls", "rlrt_rollout_weight_source_pulls_total", "", R,
-       "Weight versions pulled, by source: a weight relay, or the learner itself.",
-       label="source", label_values=("relay", "learner")),
-    _c("weight_source_fallbacks", "rlrt_rollout_weight_source_fallbacks_total", "", R,
-       "Weight relays passed over for a version, by reason: unavailable (gone or failed mid-pull), "
-       "behind (did not hold the version within transport.weights_relay_wait_s).",
-       label="reason", label_values=("unavailable", "behind")),
-    _c("weight_collective_versions", "rlrt_rollout_weight_collective_versions_total", "versions", R,
-       "Weight versions loaded from the collective data plane (transport.weights_backend: collective)."),
-    _c("weight_collective_fallbacks", "rlrt_rollout_weight_collective_fallbacks_total", "", R,
-       "Versions that came over gRPC instead of the collective, by reason: no_sender, not_member (not in a "
-       "live group yet), timeout, broken (the broadcast failed), checksum (bytes or checksum differ from the "
-       "weight server's), unverified (the weight server could not be asked), apply (the engine refused the "
-       "staged version).",
-       label="reason", label_values=COLLECTIVE_FALLBACKS),
+    *_weight_sync_specs(R),
     _h("generate_seconds", "rlrt_rollout_generate_seconds", "seconds", R,
        "Wall time of one engine generate call (a batch of prompt groups); streaming: of one group, "
        "from admission to its last token."),
@@ -184,27 +193,7 @@ METRICS: tuple[MetricSpec, ...] = (
        "Policy weight version the teacher scores with."),
     _h("teacher_weight_load_seconds", "rlrt_teacher_weight_load_seconds", "seconds", T,
        "Time to fetch and load a new weight version into the scoring model."),
-    _c("weight_pulls", "rlrt_teacher_weight_pulls_total", "", T,
-       "Weight versions pulled, by kind: full (no version held), delta (rebuilt from the held one), "
-       "fallback (a delta was refused or failed its checks, and the version came in full).",
-       label="kind", label_values=("full", "delta", "fallback")),
-    _c("weight_received_bytes", "rlrt_teacher_weight_received_bytes_total", "bytes", T,
-       "Weight payload bytes received from the weight server (deltas as encoded)."),
-    _c("weight_source_pulls", "rlrt_teacher_weight_source_pulls_total", "", T,
-       "Weight versions pulled, by source: a weight relay, or the learner itself.",
-       label="source", label_values=("relay", "learner")),
-    _c("weight_source_fallbacks", "rlrt_teacher_weight_source_fallbacks_total", "", T,
-       "Weight relays passed over for a version, by reason: unavailable (gone or failed mid-pull), "
-       "behind (did not hold the version within transport.weights_relay_wait_s).",
-       label="reason", label_values=("unavailable", "behind")),
-    _c("weight_collective_versions", "rlrt_teacher_weight_collective_versions_total", "versions", T,
-       "Weight versions loaded from the collective data plane (transport.weights_backend: collective)."),
-    _c("weight_collective_fallbacks", "rlrt_teacher_weight_collective_fallbacks_total", "", T,
-       "Versions that came over gRPC instead of the collective, by reason: no_sender, not_member (not in a "
-       "live group yet), timeout, broken (the broadcast failed), checksum (bytes or checksum differ from the "
-       "weight server's), unverified (the weight server could not be asked), apply (the engine refused the "
-       "staged version).",
-       label="reason", label_values=COLLECTIVE_FALLBACKS),
+    *_weight_sync_specs(T),
     _h("score_seconds", "rlrt_teacher_score_seconds", "seconds", T,
        "Wall time to score one batch of rollout groups under both views."),
     # -- learner -------------------------------------------------------------------------
