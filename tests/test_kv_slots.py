@@ -92,3 +92,27 @@ def test_width_never_exceeds_the_model_limit(model):
             kv.decode_inputs()
             kv.advance()
         assert kv.keys[0].shape[2] == 70  # grown to the limit, not to the next 64-column multiple
+
+
+def test_width_stops_at_the_widest_row_its_limits_allow(model):
+    """With new-token limits given, the buffers grow to max(prompt + limit) and no further: a
+    68-column row gets 68 columns, not the next 1.5x / 64-column step (128) that an unbounded
+    growth reserves. Rows retiring drop their bound with them."""
+    kv = KVSlots.for_model(model, max_width=512)
+    with torch.no_grad():
+        cache, attn, _ = _prefill(model, [list(range(5, 50)), list(range(5, 20))])  # 45 and 15 tokens
+        kv.append(cache, attn, torch.tensor([0, 1, 1]), limits=torch.tensor([23, 30, 30]))
+        assert kv.ends.tolist() == [68, 45, 45] and kv.keys[0].shape[2] == 64
+        for _ in range(22):  # row 0 writes its 22 pending tokens: it needs 45 + 22 + 1 = 68 columns
+            kv.decode_inputs()
+            kv.advance()
+        assert kv.keys[0].shape[2] == 68
+        kv.keep(torch.tensor([1, 2]))
+        assert kv.ends.tolist() == [45, 45]
+        # without limits (the model limit bounds), growth overshoots as before
+        free = KVSlots.for_model(model, max_width=512)
+        free.append(cache, attn, torch.tensor([0]))
+        for _ in range(22):
+            free.decode_inputs()
+            free.advance()
+        assert free.keys[0].shape[2] == 128

@@ -8,7 +8,8 @@ padded to it). On a CPU that per-column copying, not arithmetic, dominated a dec
 (docs/BENCHMARKS.md, "Streaming rollouts").
 
 `KVSlots` instead keeps, per layer, keys and values in buffers [rows_cap, H_kv, width_cap, D]
-that grow geometrically. Row r holds its tokens at columns 0 .. lens[r]-1 in position order
+that grow geometrically, never past the widest any live row can reach (its prompt plus its token
+limit, when the caller gives the limits) nor the model's limit. Row r holds its tokens at columns 0 .. lens[r]-1 in position order
 (column = position, no padding at the front); a decode step writes each row's new key/value at
 column lens[r] in place, and attention reads a view of the first max(lens)+1 columns with a mask
 that hides each row's columns past its own length. The attention is `slot_decode_attention`:
@@ -86,6 +87,9 @@ class KVSlots:
         self.keys: list[Tensor] = []
         self.values: list[Tensor] = []
         self.lens = torch.zeros(0, dtype=torch.long, device=device)
+        # ends[r]: the most columns row r can ever need (prompt + new-token limit); caps the growth,
+        # which otherwise overshoots by up to 1.5x (a 68-column demo row got a 128-column buffer).
+        self.ends = torch.zeros(0, dtype=torch.long, device=device)
         self._width = 0  # columns the current forward attends over (set by decode_inputs)
         self._row_ids = self.lens  # arange(R) for the current forward, made once per step, not per layer
 
@@ -107,13 +111,15 @@ class KVSlots:
         """Columns a decode step attends over now: the longest row plus its pending token."""
         return int(self.lens.max()) + 1 if self.rows else 0
 
-    def _reserve(self, rows: int, width: int) -> None:
+    def _reserve(self, rows: int, width: int, ends: Tensor | None = None) -> None:
+        ends = self.ends if ends is None else ends
+        limit = min(self.max_width or 1 << 62, int(ends.max())) if ends.numel() else self.max_width
         have_r = self.keys[0].shape[0] if self.keys else 0
         have_w = self.keys[0].shape[2] if self.keys else 0
         if rows <= have_r and width <= have_w:
             return
         new_r = _cap(rows, have_r) if rows > have_r else have_r
-        new_w = _cap(width, have_w, self.max_width) if width > have_w else have_w
+        new_w = _cap(width, have_w, limit) if width > have_w else have_w
         shape = (new_r, self.kv_heads, new_w, self.head_dim)
         for bufs in (self.keys, self.values):
             for i in range(self.num_layers):
@@ -125,17 +131,22 @@ class KVSlots:
                 else:
                     bufs.append(grown)
 
-    def append(self, cache, attn: Tensor, index: Tensor | None = None) -> None:
+    def append(self, cache, attn: Tensor, index: Tensor | None = None, limits: Tensor | None = None) -> None:
         """Add rows from a left-padded prefill: `cache` a DynamicCache over B prompts, `attn` [B, P]
         its mask (1 = real token), `index` [R_new] which prompt each new row copies (n samples of one
-        prompt share its prefill); the new rows go after the live ones, in `index` order."""
+        prompt share its prefill); the new rows go after the live ones, in `index` order. `limits`
+        [R_new]: each new row's new-token limit, if known (it caps the buffers' width)."""
         if index is None:
             index = torch.arange(attn.shape[0], device=attn.device)
         P = attn.shape[1]
         n_tok = attn.sum(-1)  # [B]
         new_lens = n_tok[index]
         start, n_new = self.rows, int(index.shape[0])
-        self._reserve(start + n_new, int(new_lens.max()) + 1)
+        # A row of n prompt tokens and limit L writes at most n + L - 1 keys, so a step attends over <= n + L columns.
+        new_ends = (new_lens + limits.to(new_lens.device) if limits is not None
+                    else torch.full_like(new_lens, self.max_width or 1 << 62))
+        ends = torch.cat([self.ends, new_ends.to(self.ends.device)])
+        self._reserve(start + n_new, int(new_lens.max()) + 1, ends)
         # A prompt's tokens sit at columns P-n .. P-1 of the prefill (left padding); move them to 0 .. n-1.
         for b in range(attn.shape[0]):
             n = int(n_tok[b])
@@ -147,19 +158,20 @@ class KVSlots:
                 k[dst, :, :n] = src.keys[b, :, P - n:].to(self.dtype)
                 v[dst, :, :n] = src.values[b, :, P - n:].to(self.dtype)
         self.lens = torch.cat([self.lens, new_lens.to(self.lens.device)])
+        self.ends = ends
 
     def keep(self, rows: Tensor) -> None:
         """Keep only `rows` (indices, in their order) and compact them to the front."""
         n = int(rows.shape[0])
         if n == 0:
-            self.lens = self.lens[:0]
+            self.lens, self.ends = self.lens[:0], self.ends[:0]
             return
         if n < self.rows or bool((rows != torch.arange(n, device=rows.device)).any()):
             w = self.width
             for bufs in (self.keys, self.values):
                 for buf in bufs:
                     buf[:n, :, :w] = buf[rows, :, :w]  # advanced indexing gathers a copy first
-        self.lens = self.lens[rows]
+        self.lens, self.ends = self.lens[rows], self.ends[rows]
 
     def decode_inputs(self) -> tuple[Tensor, Tensor]:
         """Before a decode forward: make room for one more column per row and return

@@ -115,8 +115,8 @@ class TorchEngine(Engine):
         n = sp.n  # n samples per prompt share one prefill; the rows decode on KVSlots (see kv_slots.py)
         index = torch.arange(len(prompts), device=dev).repeat_interleave(n)
         kv = KVSlots.for_model(self.model, max_width=self.max_model_len)
-        logits = _prefill_into(self, prompts, kv, index)
         limits = torch.tensor([min(sp.max_new_tokens, self.max_model_len - len(p)) for p in prompts for _ in range(n)])
+        logits = _prefill_into(self, prompts, kv, index, limits)
         R = len(prompts) * n
         toks: list[list[int]] = [[] for _ in range(R)]
         lps: list[list[float]] = [[] for _ in range(R)]
@@ -145,9 +145,10 @@ class TorchEngine(Engine):
         return [(toks[r], lps[r], reasons[r]) for r in range(R)]
 
 
-def _prefill_into(eng: TorchEngine, prompts: list[list[int]], kv: KVSlots, index: Tensor) -> Tensor:
+def _prefill_into(eng: TorchEngine, prompts: list[list[int]], kv: KVSlots, index: Tensor, limits: Tensor) -> Tensor:
     """Prefill `prompts` once (left-padded, per-row positions) and append rows to `kv`: row j copies
-    prompt index[j]. -> the first-token logits of the new rows [len(index), V]."""
+    prompt index[j] and may add up to limits[j] tokens. -> the first-token logits of the new rows
+    [len(index), V]."""
     P = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), P), eng.pad_id, dtype=torch.long)
     attn = torch.zeros((len(prompts), P), dtype=torch.long)
@@ -157,7 +158,7 @@ def _prefill_into(eng: TorchEngine, prompts: list[list[int]], kv: KVSlots, index
     ids, attn = ids.to(eng.device), attn.to(eng.device)
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     out = eng.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
-    kv.append(out.past_key_values, attn, index)
+    kv.append(out.past_key_values, attn, index, limits)
     return out.logits[:, -1][index]
 
 
@@ -261,7 +262,8 @@ class TorchStream(EngineStream):
         dev = self.engine.device
         reps = torch.tensor([g.sampling.n for g in groups], device=dev)
         index = torch.repeat_interleave(torch.arange(len(groups), device=dev), reps)  # n rows share a prefill
-        logits = _prefill_into(self.engine, [g.prompt_ids for g in groups], self._kv, index)
+        limits = torch.tensor([g.limit for g in groups for _ in range(g.sampling.n)])
+        logits = _prefill_into(self.engine, [g.prompt_ids for g in groups], self._kv, index, limits)
         for g in groups:
             n = g.sampling.n
             g.toks, g.lps, g.vers = [[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)]
