@@ -28,6 +28,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rlrt_core.config import load_config  # noqa: E402
 from rlrt_core.data import arithmetic_problems  # noqa: E402
 from rlrt_core.methods import method_names  # noqa: E402
+from bench.pipeline import BoxLoad  # noqa: E402
 from services.launcher import read_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -199,6 +201,14 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
+    # The 90-minute goal is a wall time: record what else used the box meanwhile.
+    box, stop = BoxLoad(), threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(1.0):
+            box.tick()
+
+    threading.Thread(target=watch, name="box-load", daemon=True).start()
 
     held = heldout_split(cfg, args.eval_problems, args.heldout_seed)
     data = out / "heldout.jsonl"
@@ -227,13 +237,17 @@ def main(argv: list[str] | None = None) -> int:
             (out / "methods.json").write_text(json.dumps({"base": base, "runs": runs}, indent=1))
 
     total = time.monotonic() - t_start
+    stop.set()
+    load = {"foreign_cores": round(box.foreign_cores(), 3), "loadavg_max": max(box.load, default=0.0),
+            "cores": os.cpu_count()}
     (out / "methods.json").write_text(json.dumps({"recipe": str(recipe), "steps": steps, "k": args.samples,
                                                   "heldout_problems": len(held), "base": base, "runs": runs,
-                                                  "total_s": total}, indent=1))
+                                                  "total_s": total, "box": load}, indent=1))
     plot(base, runs, methods, out / "methods.png")
     print()
     print(summarise(base, runs, methods, args.samples))
-    print(f"\nwhole bench: {total / 60:.1f} min; figures in {out / 'methods.json'}, {out / 'methods.png'}")
+    print(f"\nwhole bench: {total / 60:.1f} min on {load['cores']} cores, while other processes used "
+          f"{load['foreign_cores']:.2f} cores on average (load average up to {load['loadavg_max']:.1f}); figures in {out / 'methods.json'}, {out / 'methods.png'}")
     return 0
 
 

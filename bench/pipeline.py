@@ -146,9 +146,9 @@ def _service_of(cmd: str) -> str | None:
     return None
 
 
-class Sampler:
-    """Called every tick of `LocalRun.wait`: own vs foreign CPU, peak RSS per service,
-    stage busy counters from the services' /metrics."""
+class BoxLoad:
+    """Who used the box's CPUs since it was made: this process and its descendants (own) against
+    everything else (foreign), and the load average seen at each `tick()`."""
 
     def __init__(self) -> None:
         self.me = os.getpid()
@@ -158,17 +158,39 @@ class Sampler:
         self.own_cpu0: dict[int, int] = {}     # pid -> cpu ticks when first seen
         table = _proc_table()
         self.own_cpu0[self.me] = table[self.me][1] if self.me in table else 0
-        self.peak_kib: dict[str, int] = {}     # service -> highest VmHWM seen (summed over its processes)
         self.load: list[float] = []
-        self.busy: dict[str, list[tuple[float, float]]] = {}  # series "rollout-0"/"teacher-0" -> (t, seconds)
 
-    def tick(self, run: LocalRun) -> None:
+    def tick(self) -> tuple[dict[int, tuple[int, int, str]], set[int]]:
+        """Sample; -> (the process table, this process's descendants) for callers that look further."""
         table = _proc_table()
         mine = _descendants(table, self.me)
         for pid in mine:
-            ticks = table[pid][1]
             self.own_cpu0.setdefault(pid, 0)  # born during the run: all its CPU time is the run's
-            self.own_cpu[pid] = ticks
+            self.own_cpu[pid] = table[pid][1]
+        with open("/proc/loadavg") as fh:
+            self.load.append(float(fh.read().split()[0]))
+        return table, mine
+
+    def foreign_cores(self) -> float:
+        """Mean number of cores used by processes outside this bench since it started (a child that
+        lived between two ticks counts as foreign: tick often)."""
+        wall = max(time.time() - self.t0, 1e-9)
+        box = _box_busy_ticks() - self.box0
+        own = sum(self.own_cpu[p] - self.own_cpu0[p] for p in self.own_cpu)
+        return max(box - own, 0) / CLK_TCK / wall
+
+
+class Sampler(BoxLoad):
+    """Called every tick of `LocalRun.wait`: own vs foreign CPU (BoxLoad), peak RSS per service,
+    stage busy counters from the services' /metrics."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.peak_kib: dict[str, int] = {}     # service -> highest VmHWM seen (summed over its processes)
+        self.busy: dict[str, list[tuple[float, float]]] = {}  # series "rollout-0"/"teacher-0" -> (t, seconds)
+
+    def tick(self, run: LocalRun) -> None:  # type: ignore[override]
+        table, mine = super().tick()
         per_service: dict[str, int] = {}
         owner: dict[int, str] = {}
         for pid in sorted(mine):
@@ -183,8 +205,6 @@ class Sampler:
                 per_service[name] = per_service.get(name, 0) + hwm
         for name, kib in per_service.items():
             self.peak_kib[name] = max(self.peak_kib.get(name, 0), kib)
-        with open("/proc/loadavg") as fh:
-            self.load.append(float(fh.read().split()[0]))
         now = time.time()
         for ep in service_endpoints(run.run_dir):
             worker = ep.get("worker", "")
@@ -201,13 +221,6 @@ class Sampler:
                 for s in fam.samples:
                     if s.name in ("rlrt_rollout_engine_busy_seconds_total", "rlrt_teacher_score_seconds_sum"):
                         self.busy.setdefault(worker, []).append((now, float(s.value)))
-
-    def foreign_cores(self) -> float:
-        """Mean number of cores used by processes outside this bench since it started."""
-        wall = max(time.time() - self.t0, 1e-9)
-        box = _box_busy_ticks() - self.box0
-        own = sum(self.own_cpu[p] - self.own_cpu0[p] for p in self.own_cpu)
-        return max(box - own, 0) / CLK_TCK / wall
 
     def busy_between(self, worker: str, t0: float, t1: float) -> float | None:
         """Busy seconds a worker's counter gained between t0 and t1 (nearest samples)."""

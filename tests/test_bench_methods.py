@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -82,3 +83,7 @@ def test_tiny_run_trains_each_method_and_evaluates_its_checkpoint(tmp_path):
     rows = [ln for ln in out.stdout.splitlines() if ln.startswith("| ")]
     assert [ln.split("|")[1].strip() for ln in rows[1:]] == ["base", "rlrt", "grpo"]
     assert (out_dir / "methods.png").stat().st_size > 1000
+    # the wall time comes with what else used the box meanwhile
+    assert doc["box"]["cores"] == os.cpu_count() and doc["box"]["foreign_cores"] >= 0
+    assert doc["box"]["loadavg_max"] > 0  # sampled every second while the runs loaded the box
+    assert "while other processes used" in out.stdout

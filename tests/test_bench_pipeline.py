@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -86,3 +88,27 @@ def test_a_failed_first_configuration_leaves_no_ratio():
     rows = bp.parse_table(bp.table(SETUPS, [result("b", 30, 0.0)], max_foreign=0.2))
     assert [r["config"] for r in rows] == ["b"]
     assert rows[0]["vs first"] == rows[0]["steps vs first"] == "n/a: no run of the first configuration"
+
+
+def test_box_load_counts_descendants_as_own_and_an_orphan_as_foreign():
+    """BoxLoad is what bench/pipeline.py and bench/methods.py refuse or qualify their figures by:
+    a child's CPU is the bench's own; a process that is not a descendant (here a busy loop whose
+    parent shell exited, so init adopted it) is foreign load."""
+    burn = [sys.executable, "-c", "import time\nwhile time.process_time() < 1.5: pass"]  # 1.5 CPU-seconds
+    box = bp.BoxLoad()
+    child = subprocess.Popen(burn)
+    while child.poll() is None:
+        box.tick()
+        time.sleep(0.05)
+    assert sum(box.own_cpu[p] - box.own_cpu0[p] for p in box.own_cpu) / bp.CLK_TCK > 1.0
+    assert child.pid in box.own_cpu
+
+    box = bp.BoxLoad()
+    pid = int(subprocess.run(["sh", "-c", f"{shlex.join(burn)} >/dev/null 2>&1 & echo $!"], check=True,
+                             capture_output=True, text=True).stdout)
+    while Path(f"/proc/{pid}").exists():
+        box.tick()
+        time.sleep(0.05)
+    assert pid not in box.own_cpu
+    assert box.foreign_cores() * (time.time() - box.t0) > 1.0
+    assert len(box.load) >= 5
