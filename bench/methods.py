@@ -247,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(summarise(base, runs, methods, args.samples))
     print(f"\nwhole bench: {total / 60:.1f} min on {load['cores']} cores, while other processes used "
-          f"{load['foreign_cores']:.2f} cores on average (load average up to {load['loadavg_max']:.1f}); figures in {out / 'methods.json'}, {out / 'methods.png'}")
+          f"{load['foreign_cores']:.2f} cores on average (load average up to {load['loadavg_max']:.1f}); "
+          f"figures in {out / 'methods.json'}, {out / 'methods.png'}")
     return 0
 
 

@@ -9,11 +9,11 @@ padded to it). On a CPU that per-column copying, not arithmetic, dominated a dec
 
 `KVSlots` instead keeps, per layer, keys and values in buffers [rows_cap, H_kv, width_cap, D]
 that grow geometrically, never past the widest any live row can reach (its prompt plus its token
-limit, when the caller gives the limits) nor the model's limit. Row r holds its tokens at columns 0 .. lens[r]-1 in position order
-(column = position, no padding at the front); a decode step writes each row's new key/value at
-column lens[r] in place, and attention reads a view of the first max(lens)+1 columns with a mask
-that hides each row's columns past its own length. The attention is `slot_decode_attention`:
-SDPA with grouped KV heads (`enable_gqa`), so nothing is repeated or copied.
+limit, when the caller gives the limits) nor the model's limit. Row r holds its tokens at columns
+0 .. lens[r]-1 in position order (column = position, no padding at the front); a decode step
+writes each row's new key/value at column lens[r] in place, and attention reads a view of the
+first max(lens)+1 columns with a mask that hides each row's columns past its own length. The
+attention is `slot_decode_attention`: SDPA with grouped KV heads (`enable_gqa`), so nothing is repeated or copied.
 
 Rows stay contiguous (a retired row's slot is filled by compacting the kept rows, once per
 retirement rather than once per step). Positions are absolute, so a row's rotary phases match
@@ -32,6 +32,7 @@ from torch import Tensor
 ATTN_NAME = "rlrt_slot_decode"
 _GROW = 1.5
 _ALIGN = 64  # width capacity is a multiple of this: fewer re-allocations, aligned rows
+_UNBOUNDED = 1 << 62  # the width bound of a row whose token limit is not given (and of no model limit)
 
 
 def slot_decode_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
@@ -111,14 +112,14 @@ class KVSlots:
         """Columns a decode step attends over now: the longest row plus its pending token."""
         return int(self.lens.max()) + 1 if self.rows else 0
 
-    def _reserve(self, rows: int, width: int, ends: Tensor | None = None) -> None:
-        ends = self.ends if ends is None else ends
-        limit = min(self.max_width or 1 << 62, int(ends.max())) if ends.numel() else self.max_width
+    def _reserve(self, rows: int, width: int) -> None:
         have_r = self.keys[0].shape[0] if self.keys else 0
         have_w = self.keys[0].shape[2] if self.keys else 0
-        if rows <= have_r and width <= have_w:
+        if rows <= have_r and width <= have_w:  # every decode step: no reduction, no device sync
             return
         new_r = _cap(rows, have_r) if rows > have_r else have_r
+        # the widest a live row can reach (ends covers the rows being appended too)
+        limit = min(self.max_width or _UNBOUNDED, int(self.ends.max())) if self.ends.numel() else self.max_width
         new_w = _cap(width, have_w, limit) if width > have_w else have_w
         shape = (new_r, self.kv_heads, new_w, self.head_dim)
         for bufs in (self.keys, self.values):
@@ -144,9 +145,9 @@ class KVSlots:
         start, n_new = self.rows, int(index.shape[0])
         # A row of n prompt tokens and limit L writes at most n + L - 1 keys, so a step attends over <= n + L columns.
         new_ends = (new_lens + limits.to(new_lens.device) if limits is not None
-                    else torch.full_like(new_lens, self.max_width or 1 << 62))
-        ends = torch.cat([self.ends, new_ends.to(self.ends.device)])
-        self._reserve(start + n_new, int(new_lens.max()) + 1, ends)
+                    else torch.full_like(new_lens, self.max_width or _UNBOUNDED))
+        self.ends = torch.cat([self.ends, new_ends.to(self.ends.device)])  # before _reserve, which reads it
+        self._reserve(start + n_new, int(new_lens.max()) + 1)
         # A prompt's tokens sit at columns P-n .. P-1 of the prefill (left padding); move them to 0 .. n-1.
         for b in range(attn.shape[0]):
             n = int(n_tok[b])
@@ -158,7 +159,6 @@ class KVSlots:
                 k[dst, :, :n] = src.keys[b, :, P - n:].to(self.dtype)
                 v[dst, :, :n] = src.values[b, :, P - n:].to(self.dtype)
         self.lens = torch.cat([self.lens, new_lens.to(self.lens.device)])
-        self.ends = ends
 
     def keep(self, rows: Tensor) -> None:
         """Keep only `rows` (indices, in their order) and compact them to the front."""
